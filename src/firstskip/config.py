@@ -1,0 +1,96 @@
+"""`FirstSkipConfig`: router shape and skip decision, checked once so the CLI and the API agree."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from firstskip.errors import FirstSkipError
+
+SCHEMA_VERSION = 1
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise FirstSkipError(message)
+
+
+@dataclass
+class FirstSkipConfig:
+    """Everything that defines a FiRST model on top of its base.
+
+    The decision fields (``decision``, ``threshold``, ``skip_ratio``, ``prefill``) can be changed
+    at inference time without retraining; the router fields cannot.
+    """
+
+    num_layers: int
+    hidden_size: int
+    router_dim: int = 64
+    router_init_keep: float = 0.95  # an untrained router keeps every layer: untrained FiRST = base
+    protected_layers: list[int] | None = None  # None: the first and the last layer
+    decision: Literal["threshold", "budget"] = "threshold"
+    threshold: float = 0.5  # keep layer l iff p_l >= threshold
+    skip_ratio: float | None = None  # budget mode: skip round(ratio * num_layers) layers
+    prefill: Literal["full", "routed"] = "full"
+    base_model: str | None = None  # how to reload the base (hub id, folder or packaged name)
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    lora: dict[str, Any] | None = None  # peft LoRA settings when the run holds an adapter
+    merged: bool = False  # adapter folded into the base weights (saved as a full model)
+    training: dict[str, Any] = field(default_factory=dict)  # how the run was trained, for reports
+
+    def __post_init__(self) -> None:
+        _check(self.num_layers >= 2, f"num_layers must be at least 2, got {self.num_layers}")
+        _check(self.router_dim >= 1, f"router_dim must be positive, got {self.router_dim}")
+        _check(0.0 < self.router_init_keep < 1.0, "router_init_keep must lie strictly between 0 and 1")
+        _check(self.decision in ("threshold", "budget"),
+               f"decision must be 'threshold' or 'budget', got {self.decision!r}")
+        _check(0.0 <= self.threshold <= 1.0, f"threshold must lie in [0, 1], got {self.threshold}")
+        _check(self.prefill in ("full", "routed"), f"prefill must be 'full' or 'routed', got {self.prefill!r}")
+        if self.skip_ratio is not None:
+            _check(0.0 <= self.skip_ratio <= 1.0, f"skip ratio must lie in [0, 1], got {self.skip_ratio}")
+        _check(self.decision != "budget" or self.skip_ratio is not None,
+               "decision 'budget' needs a skip ratio (e.g. --budget 0.25)")
+        _check(self.decision != "budget" or self.prefill == "full",
+               "a budget decision ranks all layers at once, so it needs prefill 'full'")
+        bad = [i for i in self.protected if not 0 <= i < self.num_layers]
+        _check(not bad, f"protected layers {bad} are outside 0..{self.num_layers - 1}")
+
+    @property
+    def protected(self) -> list[int]:
+        if self.protected_layers is None:
+            return [0, self.num_layers - 1]
+        return sorted(set(self.protected_layers))
+
+    @property
+    def skippable(self) -> list[int]:
+        protected = set(self.protected)
+        return [i for i in range(self.num_layers) if i not in protected]
+
+    @property
+    def budget_k(self) -> int:
+        """How many layers a budget decision skips, capped by what may be skipped."""
+        return min(len(self.skippable), int(self.num_layers * (self.skip_ratio or 0.0) + 0.5))
+
+    def replace(self, **changes: Any) -> FirstSkipConfig:
+        """A checked copy with some fields changed (``None`` values are ignored)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def to_json(self) -> str:
+        data = {"schema_version": SCHEMA_VERSION, **dataclasses.asdict(self)}
+        return json.dumps(data, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FirstSkipConfig:
+        """Load forward-compatibly: unknown keys from a newer firstskip are dropped with a warning."""
+        data = dict(data)
+        version = data.pop("schema_version", SCHEMA_VERSION)
+        _check(isinstance(version, int) and version <= SCHEMA_VERSION,
+               f"this run was written by a newer firstskip (schema {version}); upgrade firstskip to read it")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            warnings.warn(f"ignoring unknown config keys {unknown}", stacklevel=2)
+        return cls(**{k: v for k, v in data.items() if k in known})

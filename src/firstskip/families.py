@@ -1,0 +1,71 @@
+"""The one table of per-architecture facts.
+
+Everything firstskip needs to know about a model family lives in `FAMILIES`: where the decoder
+layers sit, which attribute of a layer holds the attention module (it carries ``layer_idx``, which a
+pruned copy must renumber), which linear layers LoRA targets, and a tiny config for seeded random
+test models. Every family's layer is called by the model's own forward and returns a tensor (the
+transformers 5 convention), so no per-family calling code is needed. Adding a family is one row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from firstskip.errors import FirstSkipError
+
+_LLAMA_LORA = ("q_proj", "k_proj", "v_proj", "o_proj")
+# Small enough to run in milliseconds, big enough to have protected and skippable layers,
+# grouped-query attention and a vocabulary that holds byte-level test prompts.
+_TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=256, max_position_embeddings=512)
+
+
+@dataclass(frozen=True)
+class Family:
+    layers: str  # dotted path from the *ForCausalLM module to the decoder-layer ModuleList
+    attention: str  # attribute of one decoder layer that holds its attention module
+    lora_targets: tuple[str, ...]
+    tiny: dict[str, Any] = field(default_factory=dict)  # config kwargs of a tiny random model
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family("model.layers", "self_attn", _LLAMA_LORA + ("gate_proj", "up_proj", "down_proj"), _TINY),
+    "mistral": Family("model.layers", "self_attn", _LLAMA_LORA, {**_TINY, "sliding_window": 8}),
+    "qwen2": Family("model.layers", "self_attn", _LLAMA_LORA, _TINY),
+    "qwen3": Family("model.layers", "self_attn", _LLAMA_LORA, {**_TINY, "head_dim": 16}),
+    "gemma2": Family("model.layers", "self_attn", _LLAMA_LORA,
+                     {**_TINY, "head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16}),
+    "gemma3_text": Family("model.layers", "self_attn", _LLAMA_LORA,
+                          {**_TINY, "head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16,
+                           "sliding_window_pattern": 2}),
+    "phi3": Family("model.layers", "self_attn", ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+                   {**_TINY, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),
+    "gpt2": Family("transformer.h", "attn", ("c_attn", "c_proj", "c_fc"),
+                   dict(n_embd=64, n_layer=6, n_head=4, vocab_size=256, n_positions=512,
+                        bos_token_id=1, eos_token_id=2)),
+}
+
+
+def family_of(model_or_config: Any) -> Family:
+    """The table row for a model (or its config), or a one-line error naming what is supported."""
+    config = getattr(model_or_config, "config", model_or_config)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise FirstSkipError(
+            f"unsupported model type {model_type!r}; supported: {', '.join(sorted(FAMILIES))} "
+            "(add a row to firstskip/families.py)"
+        )
+    return FAMILIES[model_type]
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder-layer list of a causal LM, wherever its family keeps it."""
+    return model.get_submodule(family_of(model).layers)
+
+
+def set_decoder_layers(model: nn.Module, layers: nn.ModuleList) -> None:
+    parent, _, name = family_of(model).layers.rpartition(".")
+    setattr(model.get_submodule(parent), name, layers)

@@ -1,0 +1,161 @@
+"""`FirstSkipModel`: a base model, its routers and tokenizer, shaped like transformers and peft.
+
+``FirstSkipModel.from_base("smollm2-135m")`` starts an untrained FiRST model (routers say keep
+everything, so it behaves as the base); ``save_pretrained`` / ``from_pretrained`` move it through
+a run folder; ``generate`` and ``stream`` take text and return text plus each prompt's skip set.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from firstskip import artifacts
+from firstskip.config import FirstSkipConfig
+from firstskip.engine import Engine, Generation, Sampling, StopFn, Stream
+from firstskip.errors import FirstSkipError
+from firstskip.families import decoder_layers
+from firstskip.models import load_model, model_reference
+from firstskip.routers import RouterBank
+
+
+class FirstSkipModel:
+    """A Hugging Face causal LM with one router per decoder layer."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, config: FirstSkipConfig,
+                 routers: RouterBank | None = None) -> None:
+        self.model, self.tokenizer, self.config = model, tokenizer, config
+        self.routers = (routers or RouterBank(config)).to(next(model.parameters()).device)
+        self._engine: Engine | None = None
+
+    # -- construction ----------------------------------------------------------------------
+    @classmethod
+    def from_base(cls, name: str, dtype: str | torch.dtype = "float32", device: str = "cpu",
+                  **config: Any) -> FirstSkipModel:
+        """A new FiRST model on a base (hub id, folder, packaged name or ``random:<preset>``)."""
+        model, tokenizer = load_model(name, dtype=dtype, device=device)
+        return cls.wrap(model, tokenizer, base_model=model_reference(name), **config)
+
+    @classmethod
+    def wrap(cls, model: torch.nn.Module, tokenizer: Any = None, **config: Any) -> FirstSkipModel:
+        """A new FiRST model on an already loaded base model."""
+        cfg = FirstSkipConfig(num_layers=len(decoder_layers(model)), hidden_size=model.config.hidden_size,
+                              fingerprint=artifacts.fingerprint(model), **config)
+        return cls(model, tokenizer, cfg)
+
+    @classmethod
+    def from_pretrained(cls, run_dir: str | os.PathLike, model: torch.nn.Module | None = None,
+                        tokenizer: Any = None, dtype: str | torch.dtype = "float32", device: str = "cpu",
+                        merge_adapter: bool = True) -> FirstSkipModel:
+        """Load a run folder; its base is loaded from the reference it stores unless given."""
+        config = artifacts.load_config(run_dir)
+        if model is None:
+            model, tokenizer = load_model(_base_path(run_dir, config), dtype=dtype, device=device)
+        artifacts.check_fingerprint(config.fingerprint, model, run_dir)
+        model = _with_adapter(model, Path(run_dir), config, merge_adapter)
+        routers = RouterBank(config)
+        routers.load_state_dict(artifacts.load_routers(run_dir))
+        return cls(model, tokenizer, config, routers.to(dtype=_router_dtype(model)))
+
+    def save_pretrained(self, run_dir: str | os.PathLike) -> None:
+        artifacts.save_run(run_dir, self.config, self.routers)
+
+    # -- inference -------------------------------------------------------------------------
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self.model.eval()
+            self.routers.eval()
+            pad = getattr(self.tokenizer, "pad_token_id", None) or 0
+            self._engine = Engine(self.model, self.config, self.routers, pad_token_id=pad)
+        return self._engine
+
+    def set_decision(self, threshold: float | None = None, budget: float | None = None,
+                     prefill: str | None = None) -> None:
+        """Change how skip sets are chosen at inference, without retraining."""
+        changes: dict[str, Any] = {"threshold": threshold, "prefill": prefill}
+        if budget is not None:
+            changes.update(decision="budget", skip_ratio=budget)
+        elif threshold is not None:
+            changes["decision"] = "threshold"
+        self.config = self.config.replace(**changes)
+        self.engine.config = self.engine.controller.config = self.config
+
+    def encode(self, prompt: str, raw: bool = False) -> list[int]:
+        """Token ids for a prompt: the chat template for instruct models unless ``raw``."""
+        if not prompt.strip():
+            raise FirstSkipError("empty prompt: give some text with --prompt or on standard input")
+        if self.tokenizer is None:
+            raise FirstSkipError("this model has no tokenizer (random models take token ids, not text)")
+        if not raw and getattr(self.tokenizer, "chat_template", None):
+            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                     add_generation_prompt=True, tokenize=True)
+            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return self.tokenizer(prompt)["input_ids"]
+
+    def generate(self, prompts: str | Sequence[str], sampling: Sampling | None = None, raw: bool = False,
+                 skip: Sequence[int] | None = None, stop: Sequence[str] = ()) -> list[Generation]:
+        """Generate for one prompt or a batch; each result carries its text and skip set."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        ids = [self.encode(p, raw) for p in prompts]
+        gens = self.engine.generate(ids, sampling, None if skip is None else [list(skip)] * len(ids),
+                                    self.eos_token_ids, self._stop_fn(stop))
+        for gen in gens:
+            gen.text = self.decode(gen.token_ids, stop)
+        return gens
+
+    def stream(self, prompt: str, sampling: Sampling | None = None, raw: bool = False,
+               skip: Sequence[int] | None = None, stop: Sequence[str] = ()) -> Stream:
+        return self.engine.stream(self.encode(prompt, raw), sampling, skip, self.eos_token_ids, self._stop_fn(stop))
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        ids = getattr(self.model.generation_config, "eos_token_id", None)
+        ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+        tok_eos = getattr(self.tokenizer, "eos_token_id", None)
+        return ids + ([tok_eos] if tok_eos is not None and tok_eos not in ids else [])
+
+    def decode(self, ids: Sequence[int], stop: Sequence[str] = ()) -> str:
+        text = self.tokenizer.decode(list(ids), skip_special_tokens=True)
+        for s in stop:
+            text = text.split(s)[0]
+        return text
+
+    def _stop_fn(self, stop: Sequence[str]) -> StopFn | None:
+        if not stop:
+            return None
+        longest = max(len(s) for s in stop)
+
+        def hit(ids: list[int]) -> bool:
+            # Only the tail can hold a new stop string; decoding it keeps the check cheap.
+            tail = self.tokenizer.decode(ids[-(longest + 8):], skip_special_tokens=True)
+            return any(s in tail for s in stop)
+
+        return hit
+
+
+def _base_path(run_dir: str | os.PathLike, config: FirstSkipConfig) -> str:
+    if config.merged:
+        return str(Path(run_dir) / artifacts.MERGED_DIR)
+    if not config.base_model:
+        raise FirstSkipError(f"run {run_dir} does not record its base model; pass model= to from_pretrained")
+    return config.base_model
+
+
+def _with_adapter(model: torch.nn.Module, run_dir: Path, config: FirstSkipConfig, merge: bool) -> torch.nn.Module:
+    """Put the run's LoRA adapter on the base; merged, since an unmerged adapter slows decoding."""
+    adapter = run_dir / artifacts.ADAPTER_DIR
+    if config.merged or not adapter.is_dir():
+        return model
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(model, adapter)
+    return peft_model.merge_and_unload() if merge else peft_model
+
+
+def _router_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype

@@ -1,0 +1,73 @@
+"""Routers: one small MLP per decoder layer that scores the prompt, and the skip decisions.
+
+A router reads the residual stream entering its layer, scores each prompt token, and the scores
+are pooled (masked mean, padding never counts) into one keep-probability per sequence. Routers
+know nothing of the engine or of training; they see hidden states and masks.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from firstskip.config import FirstSkipConfig
+
+
+class Router(nn.Module):
+    """norm -> Linear(d, r) -> GELU -> Linear(r, 1); a logit per token."""
+
+    def __init__(self, hidden_size: int, dim: int, init_keep: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size)
+        self.up = nn.Linear(hidden_size, dim)
+        self.act = nn.GELU()
+        self.down = nn.Linear(dim, 1)
+        # Zero output weights: every input gets exactly init_keep, so an untrained router keeps all
+        # layers and the model starts as the base model (like LoRA's zero-initialised B).
+        nn.init.zeros_(self.down.weight)
+        nn.init.constant_(self.down.bias, math.log(init_keep / (1.0 - init_keep)))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        x = hidden.to(self.up.weight.dtype)
+        return self.down(self.act(self.up(self.norm(x)))).squeeze(-1)
+
+
+class RouterBank(nn.Module):
+    """One router per decoder layer (protected layers have one too, it is simply never asked)."""
+
+    def __init__(self, config: FirstSkipConfig) -> None:
+        super().__init__()
+        self.routers = nn.ModuleList(
+            Router(config.hidden_size, config.router_dim, config.router_init_keep)
+            for _ in range(config.num_layers)
+        )
+
+    def keep_probability(self, layer: int, hidden: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        """p_l per sequence, shape [B]: the masked mean of per-token keep probabilities."""
+        return masked_mean(torch.sigmoid(self.routers[layer](hidden)), prompt_mask)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the last dim counting only positions where mask is true."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
+
+
+def decide(probs: torch.Tensor, config: FirstSkipConfig) -> torch.Tensor:
+    """Skip mask [B, L] (True = skip) from keep-probabilities [B, L], per the config's decision."""
+    skippable = torch.zeros(probs.shape[-1], dtype=torch.bool, device=probs.device)
+    skippable[config.skippable] = True
+    if config.decision == "threshold":
+        return (probs < config.threshold) & skippable
+    return lowest_k(probs, config.budget_k, skippable)
+
+
+def lowest_k(probs: torch.Tensor, k: int, skippable: torch.Tensor) -> torch.Tensor:
+    """Skip exactly the k skippable layers with the lowest keep-probability in each row."""
+    skip = torch.zeros_like(probs, dtype=torch.bool)
+    if k == 0:
+        return skip
+    ranked = probs.masked_fill(~skippable, float("inf"))
+    return skip.scatter(-1, ranked.topk(k, dim=-1, largest=False).indices, True)
