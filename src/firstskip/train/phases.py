@@ -1,0 +1,283 @@
+"""Phase 1 (routers on a frozen base) and phase 2 (LoRA under the routers' hard skip sets).
+
+Both phases run every layer (the controller's train mode): prompt tokens pass each layer unchanged
+and the routers pool them into p_l; response tokens pass the gated residual ``h + g (f(h) - h)``.
+Phase 1 gates with ``g = p_l`` and, late in training, with a straight-through hard gate; phase 2
+gates with the hard decision inference makes. What differs between the phases is an objective
+module the shared loop (`loop.py`) calls; nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from firstskip import artifacts
+from firstskip.config import FirstSkipConfig
+from firstskip.data import Batch
+from firstskip.errors import FirstSkipError
+from firstskip.families import family_of
+from firstskip.modeling import FirstSkipModel
+from firstskip.routers import decide
+from firstskip.skipping import GateFn
+from firstskip.train.loop import Encoded, LoopSettings, StepInfo, clear_checkpoint, run_loop
+from firstskip.train.passes import gated_forward, hard_gate, prompt_keep_probs, response_ce
+
+
+# -- phase 1: routers ----------------------------------------------------------------------------
+
+@dataclass
+class RouterTraining(LoopSettings):
+    """Phase 1 settings. Defaults are the measured smollm2-135m recipe (docs/training.md).
+
+    Two regularisers pull towards skipping; exactly one is active:
+    - λ mode (``skip_target`` None): ``lam * R``, R = mean keep-probability of skippable layers;
+    - target mode: ``target_weight * (R - r*)**2`` with ``r* = 1 - skip_target * L / S``: the mean
+      keep-probability at which skipping S(1 - R) of the S skippable layers skips ``skip_target``
+      of all L layers (protected layers count as kept).
+    ``polarize * mean p(1 - p)`` pushes each p towards 0 or 1, so the hard decision (threshold 0.5)
+    follows the soft one; ``hard_from`` switches to straight-through hard gates for the last part.
+    """
+
+    lr: float = 3e-3
+    lam: float = 0.01
+    skip_target: float | None = None
+    target_weight: float = 10.0
+    polarize: float = 0.1
+    hard_from: float | None = 0.7
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.lam < 0 or self.target_weight < 0 or self.polarize < 0:
+            raise FirstSkipError("lam, target_weight and polarize must be >= 0")
+        if self.skip_target is not None and not 0 <= self.skip_target < 1:
+            raise FirstSkipError(f"skip target must lie in [0, 1), got {self.skip_target}")
+        if self.hard_from is not None and not 0 <= self.hard_from <= 1:
+            raise FirstSkipError(f"hard_from must lie in [0, 1], got {self.hard_from}")
+
+    def target_keep(self, config: FirstSkipConfig) -> float | None:
+        """r*, the mean keep-probability of skippable layers that meets ``skip_target`` (None in λ mode)."""
+        if self.skip_target is None:
+            return None
+        wanted, skippable = self.skip_target * config.num_layers, len(config.skippable)
+        if wanted > skippable:
+            raise FirstSkipError(f"skip target {self.skip_target} means {wanted:g} of {config.num_layers} layers, "
+                                 f"but only {skippable} are skippable (protected: {config.protected})")
+        return 1.0 - wanted / skippable
+
+
+class RouterObjective(nn.Module):
+    """CE on response tokens plus the skip regulariser; the routers are its only trainable part."""
+
+    def __init__(self, fsm: FirstSkipModel, settings: RouterTraining) -> None:
+        super().__init__()
+        self.model, self.routers = fsm.model, fsm.routers
+        self.controller = fsm.engine.controller
+        self.config, self.settings = fsm.config, settings
+        self.skippable = fsm.config.skippable
+        self.target = settings.target_keep(fsm.config)
+
+    def hard(self, info: StepInfo) -> bool:
+        return self.settings.hard_from is not None and info.step >= self.settings.hard_from * info.total
+
+    def forward(self, batch: Batch, info: StepInfo) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        tau = self.config.threshold
+        gate = straight_through(tau) if self.hard(info) else (lambda layer, p: p)
+        logits, labels, probs = gated_forward(self.model, self.controller, batch, gate)
+        ce = response_ce(logits, labels)
+        p = probs[:, self.skippable]
+        count = info.rows * len(self.skippable)  # global: sums over rows and layers divide by this
+        keep_sum, polar_sum = p.sum(), (p * (1 - p)).sum()
+        if self.target is None:
+            reg = self.settings.lam * keep_sum / count
+        else:
+            # d/dp of w (mean - r*)^2 needs the mean over the *global* batch; with it as a constant,
+            # this term has exactly that gradient on every process.
+            mean = info.reduce(keep_sum.detach()) / count
+            reg = 2 * self.settings.target_weight * (mean - self.target) * keep_sum / count
+        loss = ce / info.tokens + reg + self.settings.polarize * polar_sum / count
+        stats = {"ce": ce.detach(), "keep": probs.detach().sum(0), "polar": polar_sum.detach(),
+                 "skipped": (p.detach() < tau).sum().float()}
+        return loss, stats
+
+    def summarize(self, stats: dict[str, torch.Tensor], info: StepInfo) -> dict[str, Any]:
+        per_layer = stats["keep"] / info.rows
+        keep = float(per_layer[self.skippable].mean())
+        ce = float(stats["ce"]) / info.tokens
+        if self.target is None:
+            reg = self.settings.lam * keep
+        else:
+            reg = self.settings.target_weight * (keep - self.target) ** 2
+        reg += self.settings.polarize * float(stats["polar"]) / (info.rows * len(self.skippable))
+        return {"loss": round(ce + reg, 5), "ce": round(ce, 5), "reg": round(reg, 5), "keep": round(keep, 4),
+                "skip": round(float(stats["skipped"]) / (info.rows * self.config.num_layers), 4),
+                "hard": self.hard(info), "keep_per_layer": [round(float(v), 4) for v in per_layer]}
+
+
+def straight_through(tau: float) -> GateFn:
+    """Forward 1[p >= tau], backward the gradient of p."""
+    def gate(layer: int, p: torch.Tensor) -> torch.Tensor:
+        return (p >= tau).to(p.dtype) + p - p.detach()
+    return gate
+
+
+def train_routers(fsm: FirstSkipModel, data: Encoded, run_dir: str | os.PathLike,
+                  settings: RouterTraining | None = None, resume: bool = False,
+                  progress: bool = True) -> FirstSkipModel:
+    """Phase 1: train ``fsm``'s routers on its frozen base; saves routers, then config.json.
+
+    Args:
+        fsm: the model whose routers are trained (in place); its base model stays frozen.
+        data: ``(ids, prompt_len)`` pairs as `data.encode_example` returns them.
+        run_dir: the run folder (checkpoints go to ``run_dir/checkpoint``).
+        settings: steps, batch, learning rate and the skip regulariser.
+        resume: go on from the last checkpoint in ``run_dir`` (a fresh start if there is none).
+        progress: show a progress bar.
+    """
+    settings = settings or RouterTraining()
+    fsm.model.requires_grad_(False)
+    fsm.routers.float()
+    skippable = set(fsm.config.skippable)
+    for index, router in enumerate(fsm.routers.routers):
+        router.requires_grad_(index in skippable)  # protected layers' routers are never asked
+    summary = run_loop(RouterObjective(fsm, settings), data, settings, run_dir, "routers", resume, progress)
+    fsm.routers.requires_grad_(False)
+    record = {**dataclasses.asdict(settings), "examples": len(data), "steps": settings.total_steps(len(data)),
+              "final": _final(summary)}
+    fsm.update_config(training={**fsm.config.training, "routers": record})
+    _on_main(lambda: artifacts.save_run(run_dir, fsm.config, fsm.routers))
+    _on_main(lambda: clear_checkpoint(run_dir))
+    return fsm
+
+
+# -- phase 2: LoRA -------------------------------------------------------------------------------
+
+@dataclass
+class LoraTraining(LoopSettings):
+    """Phase 2 settings: peft LoRA on the family's target modules unless ``targets`` is given."""
+
+    lr: float = 5e-4
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.rank < 1:
+            raise FirstSkipError(f"LoRA rank must be at least 1, got {self.rank}")
+        if not 0 <= self.dropout < 1:
+            raise FirstSkipError(f"LoRA dropout must lie in [0, 1), got {self.dropout}")
+        if self.targets is not None:
+            self.targets = list(self.targets)
+
+
+class LoraObjective(nn.Module):
+    """CE on response tokens with each row's hard skip set, decided as inference decides it."""
+
+    def __init__(self, fsm: FirstSkipModel, peft_model: nn.Module, settings: LoraTraining) -> None:
+        super().__init__()
+        self.model, self.controller, self.config = peft_model, fsm.engine.controller, fsm.config
+        # A threshold decision for layer l needs only p_l, and p_l depends on the prompt only (prompt
+        # tokens are never gated), so it can be made inside the training pass as the prompt reaches
+        # layer l. A budget decision ranks all layers, and LoRA dropout would perturb the prompt's
+        # states: those need a separate no-grad scoring pass, as inference would make.
+        self.score_first = fsm.config.decision != "threshold" or settings.dropout > 0
+
+    def forward(self, batch: Batch, info: StepInfo) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        skip = decide(prompt_keep_probs(self.model, self.controller, batch), self.config) if self.score_first else None
+        tau = self.config.threshold
+        gate = hard_gate(skip) if skip is not None else (lambda layer, p: (p.detach() >= tau).to(p.dtype))
+        logits, labels, probs = gated_forward(self.model, self.controller, batch, gate)
+        ce = response_ce(logits, labels)
+        used = skip if skip is not None else decide(probs.detach(), self.config)
+        return ce / info.tokens, {"ce": ce.detach(), "keep": probs.detach().sum(0), "skipped": used.sum().float()}
+
+    def summarize(self, stats: dict[str, torch.Tensor], info: StepInfo) -> dict[str, Any]:
+        ce = float(stats["ce"]) / info.tokens
+        per_layer = stats["keep"] / info.rows
+        return {"loss": round(ce, 5), "keep": round(float(per_layer[self.config.skippable].mean()), 4),
+                "skip": round(float(stats["skipped"]) / (info.rows * self.config.num_layers), 4),
+                "keep_per_layer": [round(float(v), 4) for v in per_layer]}
+
+
+def add_lora(model: nn.Module, settings: LoraTraining) -> nn.Module:
+    """Wrap ``model`` in a peft LoRA model (base weights frozen, adapters trainable)."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = settings.targets or list(family_of(model).lora_targets)
+    config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                        target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    with torch.random.fork_rng():
+        torch.manual_seed(settings.seed)  # LoRA's A matrices are drawn at random
+        return get_peft_model(model, config)
+
+
+def train_lora(fsm: FirstSkipModel, data: Encoded, run_dir: str | os.PathLike,
+               settings: LoraTraining | None = None, merge: bool = False, resume: bool = False,
+               progress: bool = True) -> FirstSkipModel:
+    """Phase 2: train LoRA adapters under the routers' hard skip sets; routers stay frozen.
+
+    Saves ``run_dir/adapter`` (peft format) and, with ``merge``, the merged model in
+    ``run_dir/model``; config.json last. Returns ``fsm`` with the adapter merged into its weights
+    (an unmerged adapter slows decoding).
+
+    Args:
+        fsm: a model with trained routers (phase 1); its base weights are not changed on disk.
+        data: ``(ids, prompt_len)`` pairs as `data.encode_example` returns them.
+        run_dir: the run folder.
+        settings: steps, batch, learning rate, rank, alpha, dropout and target modules.
+        merge: also save the merged full model, for deployment without peft.
+        resume: go on from the last phase-2 checkpoint in ``run_dir``.
+        progress: show a progress bar.
+    """
+    settings = settings or LoraTraining()
+    if fsm.config.lora is not None:
+        raise FirstSkipError("this model already holds a trained adapter; start phase 2 from the routers-only run")
+    fsm.routers.requires_grad_(False)
+    base_fingerprint = fsm.config.fingerprint
+    peft_model = add_lora(fsm.model, settings)
+    peft_model.train()
+    summary = run_loop(LoraObjective(fsm, peft_model, settings), data, settings, run_dir, "lora", resume, progress)
+    peft_model.eval()
+    run_dir = Path(run_dir)
+    _on_main(lambda: artifacts.atomic_dir(run_dir / artifacts.ADAPTER_DIR, peft_model.save_pretrained))
+    fsm.model = peft_model.merge_and_unload()
+    lora = {"r": settings.rank, "alpha": settings.alpha, "dropout": settings.dropout,
+            "target_modules": settings.targets or list(family_of(fsm.model).lora_targets)}
+    record = {**dataclasses.asdict(settings), "examples": len(data), "steps": settings.total_steps(len(data)),
+              "final": _final(summary), "base_fingerprint": base_fingerprint}
+    changes: dict[str, Any] = {"lora": lora, "training": {**fsm.config.training, "lora": record}}
+    if merge:
+        _on_main(lambda: artifacts.atomic_dir(run_dir / artifacts.MERGED_DIR, lambda tmp: _save_merged(fsm, tmp)))
+        changes.update(merged=True, fingerprint=artifacts.fingerprint(fsm.model))
+    fsm.update_config(**changes)
+    _on_main(lambda: artifacts.save_run(run_dir, fsm.config, fsm.routers))
+    _on_main(lambda: clear_checkpoint(run_dir))
+    return fsm
+
+
+def _save_merged(fsm: FirstSkipModel, folder: str) -> None:
+    fsm.model.save_pretrained(folder)
+    if fsm.tokenizer is not None:
+        fsm.tokenizer.save_pretrained(folder)
+
+
+def _final(summary: dict[str, Any] | None) -> dict[str, Any] | None:
+    return None if summary is None else {k: v for k, v in summary.items() if k != "keep_per_layer"}
+
+
+def _on_main(write: Any) -> None:
+    """Run a write on the main process only; every process waits until it is done."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.is_main_process:
+        write()
+    state.wait_for_everyone()

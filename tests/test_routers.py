@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+import torch
+
+from firstskip.config import FirstSkipConfig
+from firstskip.routers import RouterBank, decide, masked_mean
+
+
+def test_untrained_router_says_keep_for_any_input():
+    bank = RouterBank(FirstSkipConfig(num_layers=4, hidden_size=16))
+    p = bank.keep_probability(1, torch.randn(3, 5, 16) * 10, torch.ones(3, 5, dtype=torch.bool))
+    torch.testing.assert_close(p, torch.full((3,), 0.95))
+
+
+def test_masked_mean_ignores_padding():
+    values = torch.tensor([[1.0, 3.0, 100.0], [2.0, 2.0, 2.0]])
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    torch.testing.assert_close(masked_mean(values, mask), torch.tensor([2.0, 2.0]))
+
+
+def test_decisions_never_skip_protected_layers():
+    cfg = FirstSkipConfig(num_layers=6, hidden_size=8)
+    probs = torch.tensor([[0.1, 0.9, 0.2, 0.6, 0.4, 0.0]])
+    assert decide(probs, cfg).nonzero()[:, 1].tolist() == [2, 4]
+    budget = cfg.replace(decision="budget", skip_ratio=0.5)  # k = 3 of the 4 skippable
+    assert decide(probs, budget).nonzero()[:, 1].tolist() == [2, 3, 4]
