@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,26 @@ def atomic_write(path: str | os.PathLike, write: Any) -> None:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_dir(path: str | os.PathLike, write: Any) -> None:
+    """Call ``write(tmp_folder)`` and move the folder into place; an older folder is swapped out only
+    once the new one is complete (it stays as ``.NAME.old-*`` if a crash falls between the renames)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        write(str(tmp))
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -91,9 +112,13 @@ def check_fingerprint(expected: dict[str, Any], model: nn.Module, run_dir: str |
 
 def save_run(run_dir: str | os.PathLike, config: FirstSkipConfig, routers: nn.Module) -> None:
     """Write routers then config.json (the commit marker) into ``run_dir``."""
-    run_dir = Path(run_dir)
-    write_tensors(run_dir / ROUTERS_NAME, routers.state_dict(), {"format": "pt"})
-    write_text(run_dir / CONFIG_NAME, config.to_json() + "\n")
+    write_tensors(Path(run_dir) / ROUTERS_NAME, routers.state_dict(), {"format": "pt"})
+    save_config(run_dir, config)
+
+
+def save_config(run_dir: str | os.PathLike, config: FirstSkipConfig) -> None:
+    """Rewrite config.json alone (a new threshold after calibration)."""
+    write_text(Path(run_dir) / CONFIG_NAME, config.to_json() + "\n")
 
 
 def load_config(run_dir: str | os.PathLike) -> FirstSkipConfig:

@@ -159,13 +159,121 @@ def _print_bench(result: dict) -> None:
     console.print(f"first/full {result['first_over_full']:.3f}x   first/pruned {result['first_over_pruned']:.3f}x")
 
 
-@app.command(epilog="Example:\n\n  firstskip models")
-def models() -> None:
-    """List the packaged and cached models and the cache folder."""
+@app.command(epilog="Examples:\n\n  firstskip models\n\n  firstskip models --json")
+def models(as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False) -> None:
+    """List the packaged and random models, what is cached, and the cache folder's size."""
+    from rich.console import Console
+    from rich.table import Table
+
     from firstskip.models import list_models
 
-    for entry in list_models():
-        typer.echo(json.dumps(entry))
+    rows = list_models()
+    if as_json:
+        for row in rows:
+            typer.echo(json.dumps(row))
+        return
+    table = Table(title="models (use the name with --model)")
+    for col in ("name", "kind", "status", "details"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(*_model_row(row))
+    Console().print(table)
+
+
+def _model_row(row: dict) -> tuple[str, str, str, str]:
+    size = f"{row.get('size_bytes', 0) / 2**20:,.0f} MB"
+    if row["kind"] == "packaged":
+        status = f"cached, {size}" if row["cached"] else "installed" if row["installed"] else "not installed"
+        return row["name"], "packaged", status, row["description"] if row["installed"] else row["install"]
+    if row["kind"] == "cache":
+        return "(cache folder)", "", size, row["path"]
+    return row["name"], "random", "", f"{row['model_type']}, {row['layers']} layers, width {row['hidden_size']}"
+
+
+# -- evaluation: `eval` and `inspect` (firstskip.evaluate) -------------------------------------
+EvalRunOpt = Annotated[Path, typer.Option("--run", "-r", help="A trained run folder (routers, and adapter/ or model/).")]
+DataOpt = Annotated[list[str], typer.Option(
+    "--data", "-d", help="Dataset (repeatable): a folder with test.jsonl and train.jsonl, a .jsonl file, "
+                         "hf:NAME[:CONFIG][@SPLIT] or builtin:NAME.")]
+LimitOpt = Annotated[Optional[int], typer.Option(help="Use the first N test items of each dataset.")]
+ThresholdOpt = Annotated[Optional[float], typer.Option(help="FiRST keeps layer l iff its keep-probability >= this.")]
+BudgetOpt = Annotated[Optional[float], typer.Option(help="FiRST skips this fraction of layers instead (lowest first).")]
+ThreadsOpt = Annotated[Optional[int], typer.Option(help="CPU threads for torch (default: torch's own choice).")]
+
+
+def _set_threads(threads: int | None) -> None:
+    import torch
+
+    if threads is not None:
+        if threads < 1:
+            raise FirstSkipError(f"--threads must be at least 1, got {threads}")
+        torch.set_num_threads(threads)
+
+
+@app.command("eval", epilog="Examples:\n\n"
+             "  firstskip eval -r runs/smollm2-samsum -d ../shared/data/samsum --limit 50 --out eval/samsum\n\n"
+             "  firstskip eval -r runs/smollm2-mix -d ../shared/data/boolq -d ../shared/data/sst2 --limit 100 "
+             "--methods full,lora-only,first,shortgpt,shortgpt-per-example --out eval/mix\n\n"
+             "  firstskip eval -r runs/smollm2-mix -d ../shared/data/sst2 --budget 0.15 --methods full,first,shortgpt "
+             "--out eval/sst2-budget0.15\n\n"
+             "Stopped and started again with the same --out, it resumes; finished items are not recomputed.")
+def eval_(
+    run: EvalRunOpt,
+    data: DataOpt,
+    out: Annotated[Path, typer.Option(help="Output folder: predictions/, results.json, results.md, *.png.")],
+    limit: LimitOpt = None,
+    methods: Annotated[Optional[str], typer.Option(
+        help="Comma-separated methods. Default: full, lora-only, first, first-nolora and every static baseline "
+             "at FiRST's mean skip count; add <baseline>-per-example for each item's own count. A wrong name "
+             "lists the valid ones.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Prompts generated together.")] = 8,
+    max_new_tokens: Annotated[Optional[int], typer.Option(
+        help="One limit for every task (default per task: summaries and translation 64, yes/no and "
+             "classification 8, QA 16, math 256).")] = None,
+    threshold: ThresholdOpt = None,
+    budget: BudgetOpt = None,
+    calibration_items: Annotated[int, typer.Option(help="Train items for ShortGPT's block influence.")] = 32,
+    threads: ThreadsOpt = None,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Score FiRST against the full model, LoRA-only and static baselines at an equal skip budget."""
+    from firstskip.evaluate import evaluate_run
+    from firstskip.evaluate.report import summary
+
+    _set_threads(threads)
+    results = evaluate_run(run, data, methods, limit, out, batch_size, max_new_tokens, threshold, budget,
+                           calibration_items, dtype, device)
+    typer.echo("\n".join(summary(results)))
+    typer.echo(f"wrote {out}/results.md, results.json, pareto.png, layer_usage.png, skip_counts.png")
+
+
+@app.command("inspect", epilog="Example:\n\n"
+             "  firstskip inspect -r runs/smollm2-mix -d ../shared/data/samsum -d ../shared/data/boolq "
+             "--limit 50 --out layers.png")
+def inspect_(
+    run: EvalRunOpt,
+    data: DataOpt,
+    out: Annotated[Path, typer.Option(help="The heatmap to write (.png).")],
+    limit: LimitOpt = None,
+    batch_size: Annotated[int, typer.Option(help="Prompts scored together.")] = 8,
+    threshold: ThresholdOpt = None,
+    budget: BudgetOpt = None,
+    threads: ThreadsOpt = None,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Draw which layers the routers keep on each dataset (prefill only, no generation)."""
+    from firstskip.evaluate import inspect_run
+
+    if out.suffix.lower() != ".png":
+        raise FirstSkipError(f"--out must name a .png file, got {out}")
+    _set_threads(threads)
+    found = inspect_run(run, data, out, limit, batch_size, threshold, budget, dtype, device)
+    for name, d in found.items():
+        typer.echo(f"{name} ({d['task']}): {d['items']} items, {d['mean_skipped']:.2f} of "
+                   f"{len(d['layer_keep_rate'])} layers skipped on average")
+    typer.echo(f"wrote {out}")
 
 
 def main() -> None:

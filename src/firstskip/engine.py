@@ -13,6 +13,7 @@ produces alone.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -84,6 +85,20 @@ class Engine:
         self.controller = SkipController(model, config, routers)
         self.pad_token_id = pad_token_id
         self.device = next(model.parameters()).device
+
+    @contextmanager
+    def routers_off(self) -> Iterator[None]:
+        """Prefill as the plain model: routers neither run nor decide (forced skip sets, or none).
+
+        Baselines and the full model are timed like this, so their time to first token carries no
+        router cost that they would not pay in deployment.
+        """
+        routers, self.routers = self.routers, None
+        self.controller.routers = None
+        try:
+            yield
+        finally:
+            self.routers = self.controller.routers = routers
 
     # -- prefill ---------------------------------------------------------------------------
     @torch.inference_mode()

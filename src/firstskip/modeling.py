@@ -16,6 +16,7 @@ import torch
 
 from firstskip import artifacts
 from firstskip.config import FirstSkipConfig
+from firstskip.data import encode_prompt
 from firstskip.engine import Engine, Generation, Sampling, StopFn, Stream
 from firstskip.errors import FirstSkipError
 from firstskip.families import decoder_layers
@@ -50,13 +51,20 @@ class FirstSkipModel:
     @classmethod
     def from_pretrained(cls, run_dir: str | os.PathLike, model: torch.nn.Module | None = None,
                         tokenizer: Any = None, dtype: str | torch.dtype = "float32", device: str = "cpu",
-                        merge_adapter: bool = True) -> FirstSkipModel:
-        """Load a run folder; its base is loaded from the reference it stores unless given."""
+                        merge_adapter: bool = True, adapter: bool = True) -> FirstSkipModel:
+        """Load a run folder; its base is loaded from the reference it stores unless given.
+
+        ``adapter=False`` puts the routers on the plain base model, without the run's LoRA (the
+        router-only ablation). A merged run records only the merged weights' fingerprint, so then
+        the base it names is loaded unchecked.
+        """
         config = artifacts.load_config(run_dir)
         if model is None:
-            model, tokenizer = load_model(_base_path(run_dir, config), dtype=dtype, device=device)
-        artifacts.check_fingerprint(config.fingerprint, model, run_dir)
-        model = _with_adapter(model, Path(run_dir), config, merge_adapter)
+            model, tokenizer = load_model(_base_path(run_dir, config, adapter), dtype=dtype, device=device)
+        if adapter or not config.merged:  # a merged run's fingerprint is of the merged weights
+            artifacts.check_fingerprint(config.fingerprint, model, run_dir)
+        if adapter:
+            model = _with_adapter(model, Path(run_dir), config, merge_adapter)
         routers = RouterBank(config)
         routers.load_state_dict(artifacts.load_routers(run_dir))
         return cls(model, tokenizer, config, routers.to(dtype=_router_dtype(model)))
@@ -82,8 +90,13 @@ class FirstSkipModel:
             changes.update(decision="budget", skip_ratio=budget)
         elif threshold is not None:
             changes["decision"] = "threshold"
+        self.update_config(**changes)
+
+    def update_config(self, **changes: Any) -> None:
+        """Change config fields (checked again; ``None`` values are ignored), engine included."""
         self.config = self.config.replace(**changes)
-        self.engine.config = self.engine.controller.config = self.config
+        if self._engine is not None:
+            self._engine.config = self._engine.controller.config = self.config
 
     def encode(self, prompt: str, raw: bool = False) -> list[int]:
         """Token ids for a prompt: the chat template for instruct models unless ``raw``."""
@@ -91,11 +104,7 @@ class FirstSkipModel:
             raise FirstSkipError("empty prompt: give some text with --prompt or on standard input")
         if self.tokenizer is None:
             raise FirstSkipError("this model has no tokenizer (random models take token ids, not text)")
-        if not raw and getattr(self.tokenizer, "chat_template", None):
-            ids = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                                     add_generation_prompt=True, tokenize=True)
-            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-        return self.tokenizer(prompt)["input_ids"]
+        return encode_prompt(self.tokenizer, prompt, chat=False if raw else None)
 
     def generate(self, prompts: str | Sequence[str], sampling: Sampling | None = None, raw: bool = False,
                  skip: Sequence[int] | None = None, stop: Sequence[str] = ()) -> list[Generation]:
@@ -138,8 +147,8 @@ class FirstSkipModel:
         return hit
 
 
-def _base_path(run_dir: str | os.PathLike, config: FirstSkipConfig) -> str:
-    if config.merged:
+def _base_path(run_dir: str | os.PathLike, config: FirstSkipConfig, adapter: bool = True) -> str:
+    if config.merged and adapter:
         return str(Path(run_dir) / artifacts.MERGED_DIR)
     if not config.base_model:
         raise FirstSkipError(f"run {run_dir} does not record its base model; pass model= to from_pretrained")
@@ -149,7 +158,7 @@ def _base_path(run_dir: str | os.PathLike, config: FirstSkipConfig) -> str:
 def _with_adapter(model: torch.nn.Module, run_dir: Path, config: FirstSkipConfig, merge: bool) -> torch.nn.Module:
     """Put the run's LoRA adapter on the base; merged, since an unmerged adapter slows decoding."""
     adapter = run_dir / artifacts.ADAPTER_DIR
-    if config.merged or not adapter.is_dir():
+    if config.merged or config.lora is None or not adapter.is_dir():  # config.json says if it is part of the run
         return model
     from peft import PeftModel
 

@@ -155,6 +155,16 @@ def run_loop(objective: nn.Module, data: Encoded, settings: LoopSettings, run_di
     return summary
 
 
+def on_main(write: Callable[[], Any]) -> None:
+    """Run a write on the main process only; every process waits until it is done."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.is_main_process:
+        write()
+    state.wait_for_everyone()
+
+
 def _after_step(step: int) -> None:
     """Called after each step; the resume tests replace it to kill a run part-way."""
 

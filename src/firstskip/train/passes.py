@@ -1,7 +1,8 @@
 """The forward passes training and calibration make: gated (teacher-forced) and prompt scoring.
 
-Both run on right-padded batches (`data.collate`) without an attention mask: attention is causal, so
-no real token ever looks ahead to the pads, and positions count from 0 in every row, as at inference.
+They take right-padded batches (`data.collate`). One-piece passes need no attention mask: attention
+is causal, so no real token ever looks ahead to the pads, and positions count from 0 in every row,
+as at inference. The two-piece pass of phase 1 left-pads the prompts, as the engine's prefill does.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import DynamicCache
 
 from firstskip.data import Batch
+from firstskip.routers import RouterBank
 from firstskip.skipping import GateFn, SkipController
 
 
@@ -32,6 +35,57 @@ def gated_forward(model: nn.Module, controller: SkipController, batch: Batch,
                        logits_to_keep=batch.input_ids.shape[1] - start).logits
         probs = torch.stack(controller.probs, dim=-1)
     return logits, batch.labels[:, start:], probs
+
+
+def prompt_then_response(model: nn.Module, controller: SkipController, routers: RouterBank, batch: Batch,
+                         gate_fn: GateFn) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(summed response CE, probs [B, L])`` as `gated_forward` gives them, far cheaper to differentiate.
+
+    For a frozen base, prompt tokens never pass a gate, so their states and keys/values do not
+    depend on the routers: the prompt runs once without autograd (a prefill into a KV cache that
+    keeps each layer's input), the routers score those inputs with autograd, and only the response
+    tokens, typically a tenth of a row, run forward and backward on top of the cache.
+    """
+    prompt_ids, prompt_mask, first_labels, response_ids, response_mask, labels = _split_rows(batch)
+    positions = (prompt_mask.long().cumsum(-1) - 1).clamp_min(0)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        out = model(input_ids=prompt_ids, attention_mask=prompt_mask.long(), position_ids=positions,
+                    past_key_values=cache, use_cache=True, output_hidden_states=True, logits_to_keep=1)
+    probs = torch.stack([routers.keep_probability(layer, out.hidden_states[layer], prompt_mask)
+                         for layer in range(len(out.hidden_states) - 1)], dim=-1)
+    ce_first = response_ce(out.logits, first_labels[:, None])  # predicted from the prompt: no gradient
+    steps = torch.arange(1, response_ids.shape[1] + 1, device=positions.device)
+    with controller.mode_ctx("train", prompt_mask=torch.zeros_like(response_mask),
+                             gate_fn=lambda layer, _: gate_fn(layer, probs[:, layer])):
+        logits = model(input_ids=response_ids, attention_mask=torch.cat([prompt_mask, response_mask], -1).long(),
+                       position_ids=positions[:, -1:] + steps, past_key_values=cache, use_cache=True).logits
+    return ce_first + response_ce(logits, labels), probs
+
+
+def _split_rows(batch: Batch) -> tuple[torch.Tensor, ...]:
+    """A right-padded prompt+response batch as left-padded prompts and right-padded responses.
+
+    Returns prompt ids and mask [B, P], each row's first response token (predicted from the last
+    prompt position), response ids and mask [B, R], and the labels of the response positions [B, R].
+    """
+    prompt_lens = batch.prompt_mask.sum(-1).tolist()
+    lengths = batch.attention_mask.sum(-1).tolist()
+    width, depth = max(prompt_lens), max(n - p for n, p in zip(lengths, prompt_lens))
+    rows, device = len(prompt_lens), batch.input_ids.device
+    prompt_ids = batch.input_ids.new_zeros(rows, width)
+    prompt_mask = torch.zeros(rows, width, dtype=torch.bool, device=device)
+    response_ids = batch.input_ids.new_zeros(rows, depth)
+    response_mask = torch.zeros(rows, depth, dtype=torch.bool, device=device)
+    labels = torch.full_like(response_ids, -100)
+    for row, (p, n) in enumerate(zip(prompt_lens, lengths)):
+        prompt_ids[row, width - p:] = batch.input_ids[row, :p]
+        prompt_mask[row, width - p:] = True
+        response_ids[row, :n - p] = batch.input_ids[row, p:n]
+        response_mask[row, :n - p] = True
+        labels[row, :n - p] = batch.labels[row, p:n]
+    first_labels = batch.labels[torch.arange(rows, device=device), torch.tensor(prompt_lens, device=device) - 1]
+    return prompt_ids, prompt_mask, first_labels, response_ids, response_mask, labels
 
 
 def response_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -26,8 +26,8 @@ from firstskip.families import family_of
 from firstskip.modeling import FirstSkipModel
 from firstskip.routers import decide
 from firstskip.skipping import GateFn
-from firstskip.train.loop import Encoded, LoopSettings, StepInfo, clear_checkpoint, run_loop
-from firstskip.train.passes import gated_forward, hard_gate, prompt_keep_probs, response_ce
+from firstskip.train.loop import Encoded, LoopSettings, StepInfo, clear_checkpoint, on_main, run_loop
+from firstskip.train.passes import gated_forward, hard_gate, prompt_keep_probs, prompt_then_response, response_ce
 
 
 # -- phase 1: routers ----------------------------------------------------------------------------
@@ -89,8 +89,7 @@ class RouterObjective(nn.Module):
     def forward(self, batch: Batch, info: StepInfo) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         tau = self.config.threshold
         gate = straight_through(tau) if self.hard(info) else (lambda layer, p: p)
-        logits, labels, probs = gated_forward(self.model, self.controller, batch, gate)
-        ce = response_ce(logits, labels)
+        ce, probs = prompt_then_response(self.model, self.controller, self.routers, batch, gate)
         p = probs[:, self.skippable]
         count = info.rows * len(self.skippable)  # global: sums over rows and layers divide by this
         keep_sum, polar_sum = p.sum(), (p * (1 - p)).sum()
@@ -151,8 +150,8 @@ def train_routers(fsm: FirstSkipModel, data: Encoded, run_dir: str | os.PathLike
     record = {**dataclasses.asdict(settings), "examples": len(data), "steps": settings.total_steps(len(data)),
               "final": _final(summary)}
     fsm.update_config(training={**fsm.config.training, "routers": record})
-    _on_main(lambda: artifacts.save_run(run_dir, fsm.config, fsm.routers))
-    _on_main(lambda: clear_checkpoint(run_dir))
+    on_main(lambda: artifacts.save_run(run_dir, fsm.config, fsm.routers))
+    on_main(lambda: clear_checkpoint(run_dir))
     return fsm
 
 
@@ -247,7 +246,7 @@ def train_lora(fsm: FirstSkipModel, data: Encoded, run_dir: str | os.PathLike,
     summary = run_loop(LoraObjective(fsm, peft_model, settings), data, settings, run_dir, "lora", resume, progress)
     peft_model.eval()
     run_dir = Path(run_dir)
-    _on_main(lambda: artifacts.atomic_dir(run_dir / artifacts.ADAPTER_DIR, peft_model.save_pretrained))
+    on_main(lambda: artifacts.atomic_dir(run_dir / artifacts.ADAPTER_DIR, peft_model.save_pretrained))
     fsm.model = peft_model.merge_and_unload()
     lora = {"r": settings.rank, "alpha": settings.alpha, "dropout": settings.dropout,
             "target_modules": settings.targets or list(family_of(fsm.model).lora_targets)}
@@ -255,11 +254,11 @@ def train_lora(fsm: FirstSkipModel, data: Encoded, run_dir: str | os.PathLike,
               "final": _final(summary), "base_fingerprint": base_fingerprint}
     changes: dict[str, Any] = {"lora": lora, "training": {**fsm.config.training, "lora": record}}
     if merge:
-        _on_main(lambda: artifacts.atomic_dir(run_dir / artifacts.MERGED_DIR, lambda tmp: _save_merged(fsm, tmp)))
+        on_main(lambda: artifacts.atomic_dir(run_dir / artifacts.MERGED_DIR, lambda tmp: _save_merged(fsm, tmp)))
         changes.update(merged=True, fingerprint=artifacts.fingerprint(fsm.model))
     fsm.update_config(**changes)
-    _on_main(lambda: artifacts.save_run(run_dir, fsm.config, fsm.routers))
-    _on_main(lambda: clear_checkpoint(run_dir))
+    on_main(lambda: artifacts.save_run(run_dir, fsm.config, fsm.routers))
+    on_main(lambda: clear_checkpoint(run_dir))
     return fsm
 
 
@@ -271,13 +270,3 @@ def _save_merged(fsm: FirstSkipModel, folder: str) -> None:
 
 def _final(summary: dict[str, Any] | None) -> dict[str, Any] | None:
     return None if summary is None else {k: v for k, v in summary.items() if k != "keep_per_layer"}
-
-
-def _on_main(write: Any) -> None:
-    """Run a write on the main process only; every process waits until it is done."""
-    from accelerate import PartialState
-
-    state = PartialState()
-    if state.is_main_process:
-        write()
-    state.wait_for_everyone()

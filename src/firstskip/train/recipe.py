@@ -1,0 +1,165 @@
+"""`train`: the whole recipe, from a model name and data specs to a finished run folder.
+
+This is what `firstskip train` runs. Data: the train split of each dataset, shuffled with the seed;
+in target mode the first ``holdout`` examples of each are kept out of training for calibration
+(`firstskip calibrate` with the same seed and ``--limit <= holdout`` reads exactly those); the next
+``limit`` examples are trained on, mixed across datasets. Then phase 1, calibration (target mode),
+phase 2 under the calibrated threshold, and calibration again (the adapter moves the routers'
+inputs a little). Every phase can be resumed; a finished phase is not run again.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from firstskip import artifacts
+from firstskip.data import Example, encode_example, load_examples, mix_examples
+from firstskip.errors import FirstSkipError
+from firstskip.modeling import FirstSkipModel
+from firstskip.models import model_reference
+from firstskip.train.calibrate import calibrate
+from firstskip.train.loop import CHECKPOINT_DIR, LOG_NAME, on_main
+from firstskip.train.phases import LoraTraining, RouterTraining, train_lora, train_routers
+
+# The measured smollm2-135m recipe on 2 CPU cores (docs/training.md).
+DEFAULT_MAX_LENGTH = 320
+DEFAULT_HOLDOUT = 32
+DEFAULT_BATCH_SIZE = 8
+
+
+def train(model: str, data: Sequence[str], out: str | os.PathLike, *, skip_target: float | None = None,
+          lam: float | None = None, lora: bool = False, merge: bool = False, max_steps: int | None = None,
+          epochs: float = 1.0, lr: float | None = None, batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0,
+          limit: int | None = None, max_length: int = DEFAULT_MAX_LENGTH, holdout: int = DEFAULT_HOLDOUT,
+          lora_steps: int | None = None, lora_lr: float | None = None, lora_rank: int | None = None,
+          resume: bool = False, overwrite: bool = False, dtype: str = "float32", device: str | None = None,
+          progress: bool = True) -> FirstSkipModel:
+    """Train routers (and LoRA) on one or more datasets into the run folder ``out``.
+
+    Args:
+        model: base model (packaged name, hub id, folder).
+        data: dataset specs (folder, .jsonl, ``hf:``, ``builtin:``); their train splits are mixed.
+        out: the run folder.
+        skip_target: target mode: skip this fraction of all layers on average (then calibrated).
+        lam: λ mode: weight of the mean keep-probability (default 0.01 when no target is given).
+        lora: run phase 2 (LoRA under the learned skip sets) after the routers.
+        merge: save the adapter merged into the weights as well (needs ``lora``).
+        max_steps: optimizer steps per phase (default: ``epochs`` passes over the data).
+        epochs: passes over the data when ``max_steps`` is not given.
+        lr: routers' learning rate (LoRA's is ``lora_lr``).
+        batch_size: examples per step, over all processes.
+        seed: data order, held-out split and LoRA initialisation.
+        limit: train on at most this many examples per dataset.
+        max_length: tokens per example (the prompt is cut from the left).
+        holdout: examples per dataset kept out of training for calibration (target mode).
+        lora_steps: optimizer steps of phase 2 (default: as phase 1).
+        lora_lr: LoRA learning rate; lora_rank: LoRA rank.
+        resume: go on from the run's last checkpoint and skip finished phases.
+        overwrite: replace an existing run in ``out``.
+        dtype: base model dtype; device: where it runs (default: accelerate's choice for this process).
+        progress: show progress bars.
+    """
+    _check_args(data, skip_target, lam, merge, lora, resume, overwrite)
+    out = Path(out)
+    _prepare_out(out, resume, overwrite)
+    routers_settings = RouterTraining(**_given(steps=max_steps, lr=lr), epochs=epochs, batch_size=batch_size,
+                                      seed=seed, skip_target=skip_target, **_given(lam=lam))
+    lora_settings = LoraTraining(**_given(steps=lora_steps or max_steps, lr=lora_lr, rank=lora_rank), epochs=epochs,
+                                 batch_size=batch_size, seed=seed)
+    held_out, examples = _split(data, seed, holdout if skip_target is not None else 0, limit)
+    fsm = _load(model, out, resume, seed, dtype, device)
+    if fsm.tokenizer is None:
+        raise FirstSkipError(f"{model} has no tokenizer, so text data cannot be encoded; train on token ids with "
+                             "firstskip.train.train_routers instead")
+    encoded = [encode_example(fsm.tokenizer, ex, max_length) for ex in examples]
+    held = [encode_example(fsm.tokenizer, ex, max_length) for ex in held_out]
+    if "routers" not in fsm.config.training:
+        train_routers(fsm, encoded, out, routers_settings, resume=resume, progress=progress)
+        if skip_target is not None:
+            calibrate(out, held, skip_target, model=fsm)
+    if lora and fsm.config.lora is None:
+        train_lora(fsm, encoded, out, lora_settings, merge=merge, resume=resume, progress=progress)
+        if skip_target is not None:
+            calibrate(out, held, skip_target, model=fsm)
+    return fsm
+
+
+def _check_args(data: Sequence[str], skip_target: float | None, lam: float | None, merge: bool, lora: bool,
+                resume: bool, overwrite: bool) -> None:
+    if not data:
+        raise FirstSkipError("give at least one --data")
+    if skip_target is not None and lam is not None:
+        raise FirstSkipError("give --skip-target (target mode) or --lambda (λ mode), not both")
+    if merge and not lora:
+        raise FirstSkipError("--merge folds the LoRA adapter into the weights; add --lora")
+    if resume and overwrite:
+        raise FirstSkipError("--resume continues a run and --overwrite replaces it; give one of them")
+
+
+def _given(**values: object) -> dict[str, object]:
+    """Only the arguments the caller set, so the settings' own defaults apply to the rest."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+_RUN_FILES = (artifacts.CONFIG_NAME, artifacts.ROUTERS_NAME, artifacts.ADAPTER_DIR, artifacts.MERGED_DIR,
+              CHECKPOINT_DIR, LOG_NAME)
+
+
+def _prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to touch an existing run unless told; --overwrite removes its files (config.json first,
+    so the folder stops being a run before anything it needs is gone)."""
+    found = [name for name in _RUN_FILES if (out / name).exists()]
+    if not found or resume:
+        return
+    if not overwrite:
+        what = "a run" if (out / artifacts.CONFIG_NAME).exists() else "a partial run (checkpoint)"
+        raise FirstSkipError(f"{out} already holds {what}; pass --resume to continue it or --overwrite to replace it")
+
+    def remove() -> None:
+        for name in found:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+    on_main(remove)
+
+
+def held_out_examples(specs: Sequence[str], n: int | None = None, seed: int = 0,
+                      split: str = "train") -> list[Example]:
+    """The first ``n`` (default `DEFAULT_HOLDOUT`) examples of each dataset's seeded shuffle, mixed:
+    with the training seed and split these are exactly the examples `train` held out for calibration."""
+    n = n or DEFAULT_HOLDOUT
+    return mix_examples([load_examples(spec, split, shuffle=True, seed=seed)[:n] for spec in specs], seed)
+
+
+def _split(specs: Sequence[str], seed: int, holdout: int, limit: int | None) -> tuple[list[Example], list[Example]]:
+    """(held-out, training) examples: per dataset, a seeded shuffle cut into its first ``holdout``
+    (as `held_out_examples`) and the next ``limit``; each side mixed across datasets."""
+    held, train = [], []
+    for spec in specs:
+        examples = load_examples(spec, "train", shuffle=True, seed=seed)
+        if len(examples) <= holdout:
+            raise FirstSkipError(f"{spec} has {len(examples)} training examples, not more than the {holdout} "
+                                 "held out for calibration; lower --holdout or add data")
+        held.append(examples[:holdout])
+        train.append(examples[holdout:][:limit])
+    return mix_examples(held, seed), mix_examples(train, seed)
+
+
+def _load(model: str, out: Path, resume: bool, seed: int, dtype: str, device: str | None) -> FirstSkipModel:
+    """The base model, or the run so far when resuming after a finished phase."""
+    if device is None:
+        from accelerate import PartialState
+
+        device = str(PartialState().device)
+    if not (resume and (out / artifacts.CONFIG_NAME).is_file()):
+        torch.manual_seed(seed)  # the routers' first layers are drawn at random
+        return FirstSkipModel.from_base(model, dtype=dtype, device=device)
+    config = artifacts.load_config(out)
+    if config.base_model != model_reference(model):
+        raise FirstSkipError(f"{out} was trained on {config.base_model}, not {model}; pass --model {config.base_model}")
+    return FirstSkipModel.from_pretrained(out, dtype=dtype, device=device)

@@ -1,0 +1,358 @@
+"""Training on tiny random models: phase 1 learns what the data rewards and meets a skip target after
+calibration, a killed run resumes exactly, two processes agree with one; phase 2 leaves the routers
+alone and decides skips as inference does; saved runs reload and generate identically.
+
+The data reward skipping: responses are greedy continuations of the same model with layers 2 and 3
+deleted, so gating those layers off lowers the loss and routers have something real to learn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from firstskip import artifacts, models
+from firstskip.cli import app
+from firstskip.data import collate
+from firstskip.engine import Sampling
+from firstskip.errors import FirstSkipError
+from firstskip.families import FAMILIES
+from firstskip.modeling import FirstSkipModel
+from firstskip.routers import decide
+from firstskip.skipping import pruned_copy
+from firstskip.train import LoraTraining, RouterTraining, calibrate, train, train_lora, train_routers
+from firstskip.train import loop, phases
+from firstskip.train.calibrate import keep_probs, response_loss, skip_ratio, threshold_for_ratio
+from firstskip.train.passes import gated_forward, prompt_then_response, response_ce
+
+TINY = "random:tiny-llama"
+REWARDED = [2, 3]  # the layers the data rewards skipping
+LEARN = RouterTraining(steps=40, batch_size=8, lr=1e-2, lam=0.0, polarize=0.0, checkpoint_every=0)
+
+
+def fresh() -> FirstSkipModel:
+    torch.manual_seed(0)  # routers' first layers start random
+    return FirstSkipModel.from_base(TINY)
+
+
+def continuations(model, n: int, seed: int) -> list[tuple[list[int], int]]:
+    """Random prompts of 8-15 tokens, each continued greedily for 6 tokens by ``model``."""
+    gen = torch.Generator().manual_seed(seed)
+    data = []
+    for _ in range(n):
+        length = int(torch.randint(8, 16, (1,), generator=gen))
+        ids = torch.randint(3, 256, (1, length), generator=gen)
+        with torch.no_grad():
+            for _ in range(6):
+                ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmax(-1)], dim=1)
+        data.append((ids[0].tolist(), length))
+    return data
+
+
+@pytest.fixture(scope="module")
+def data() -> dict[str, list[tuple[list[int], int]]]:
+    pruned = pruned_copy(models.load_model(TINY)[0], REWARDED)
+    return {"train": continuations(pruned, 64, 0), "held": continuations(pruned, 48, 1),
+            "test": continuations(pruned, 48, 2)}
+
+
+@pytest.fixture(scope="module")
+def phase1_run(data, tmp_path_factory) -> Path:
+    """A run whose routers were trained on the rewarding data (phase 1 only)."""
+    run = tmp_path_factory.mktemp("phase1")
+    train_routers(fresh(), data["train"], run, LEARN, progress=False)
+    return run
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def log(run: Path, phase: str) -> list[dict]:
+    lines = (run / loop.LOG_NAME).read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["phase"] == phase]
+
+
+# -- the passes ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_two_piece_pass_equals_one_piece(model_type: str):
+    """Phase 1's prefill-then-response pass gives the one-piece gated pass's loss, probs and gradients."""
+    fsm = FirstSkipModel.from_base(f"random:tiny-{model_type}")
+    torch.manual_seed(0)
+    for router in fsm.routers.routers:
+        torch.nn.init.normal_(router.down.weight, std=0.5)  # input-dependent keep-probabilities
+    gen = torch.Generator().manual_seed(0)
+    rows = [(torch.randint(3, 250, (p + r,), generator=gen).tolist(), p) for p, r in [(5, 3), (11, 6), (8, 1), (14, 4)]]
+    batch = collate(rows, pad_id=0)
+    soft = lambda layer, p: p  # noqa: E731
+    logits, labels, probs = gated_forward(fsm.model, fsm.engine.controller, batch, soft)
+    one = response_ce(logits, labels)
+    two, probs2 = prompt_then_response(fsm.model, fsm.engine.controller, fsm.routers, batch, soft)
+    params = [p for p in fsm.routers.parameters()]
+    grads = torch.autograd.grad(one, params, allow_unused=True), torch.autograd.grad(two, params, allow_unused=True)
+    torch.testing.assert_close(two, one, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(probs2, probs, atol=1e-6, rtol=0)
+    for a, b in zip(*grads):
+        if a is not None:
+            torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4)
+
+
+# -- phase 1 ---------------------------------------------------------------------------------------
+
+def test_routers_learn_to_skip_the_layers_the_data_rewards(phase1_run, data):
+    losses = [r["loss"] for r in log(phase1_run, "routers")]
+    assert sum(losses[-8:]) / 8 < sum(losses[:8]) / 8
+    fsm = FirstSkipModel.from_pretrained(phase1_run)
+    probs = keep_probs(fsm, data["test"])
+    assert (probs[:, REWARDED] < 0.5).float().mean() > 0.8  # held-out prompts skip the rewarded layers
+    assert (probs[:, [1, 4]] >= 0.5).float().mean() > 0.8  # ... and keep the others
+    skip = decide(probs, fsm.config)
+    keep_all = response_loss(fsm, data["test"], torch.zeros_like(skip))
+    assert response_loss(fsm, data["test"], skip) < keep_all - 0.05  # on held-out prompts, hard decisions
+
+
+def test_skip_target_is_met_after_calibration(data, tmp_path):
+    settings = RouterTraining(steps=40, batch_size=8, lr=1e-2, skip_target=0.5, checkpoint_every=0)
+    fsm = train_routers(fresh(), data["train"], tmp_path, settings, progress=False)
+    wanted = settings.target_keep(fsm.config)
+    assert wanted == pytest.approx(0.25)  # 3 of 6 layers skipped = 3 of the 4 skippable ones
+    assert log(tmp_path, "routers")[-1]["keep"] == pytest.approx(wanted, abs=0.1)
+    result = calibrate(tmp_path, data["held"], skip_target=0.5)
+    assert result.skip_ratio == pytest.approx(0.5, abs=0.01)
+    reloaded = FirstSkipModel.from_pretrained(tmp_path)
+    assert reloaded.config.threshold == result.threshold
+    assert skip_ratio(keep_probs(reloaded, data["test"]), reloaded.config, result.threshold) == pytest.approx(0.5, abs=0.05)
+
+
+def test_threshold_for_ratio_cuts_between_sorted_probabilities():
+    config = fresh().config  # 6 layers, 0 and 5 protected
+    probs = torch.tensor([[0.9, 0.1, 0.2, 0.8, 0.7, 0.9], [0.9, 0.3, 0.6, 0.4, 0.5, 0.9]])
+    for ratio, skips in [(0.0, 0), (1 / 6, 2), (0.25, 3), (0.5, 6), (4 / 6, 8)]:
+        threshold = threshold_for_ratio(probs, config, ratio)
+        assert int(decide(probs, config.replace(threshold=threshold)).sum()) == skips
+
+
+def test_max_drop_calibration_respects_the_budget(phase1_run, data, tmp_path):
+    run = copy_run(phase1_run, tmp_path)
+    tight, loose = (calibrate(run, data["held"], max_drop=x) for x in (0.0, 10.0))
+    assert tight.loss_increase <= 0.0 and loose.loss_increase <= 10.0
+    assert loose.skip_ratio >= tight.skip_ratio and loose.skip_ratio == pytest.approx(4 / 6)  # all skippable layers
+    assert artifacts.load_config(run).training["calibration"]["max_drop"] == 10.0
+    with pytest.raises(FirstSkipError, match="exactly one"):
+        calibrate(run, data["held"], skip_target=0.2, max_drop=0.1)
+
+
+def test_killed_then_resumed_equals_uninterrupted(data, tmp_path, monkeypatch):
+    settings = RouterTraining(steps=12, batch_size=4, lr=1e-2, skip_target=0.3, hard_from=0.5, checkpoint_every=4)
+    train_routers(fresh(), data["train"], tmp_path / "whole", settings, progress=False)
+
+    def kill(step: int) -> None:
+        if step == 7:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "_after_step", kill)
+    with pytest.raises(KeyboardInterrupt):
+        train_routers(fresh(), data["train"], tmp_path / "killed", settings, progress=False)
+    assert not (tmp_path / "killed" / artifacts.CONFIG_NAME).exists()  # no half-finished run
+    assert json.loads((tmp_path / "killed/checkpoint/state.json").read_text())["step"] == 4
+    monkeypatch.undo()
+    train_routers(fresh(), data["train"], tmp_path / "killed", settings, resume=True, progress=False)
+    whole, resumed = (load_file(tmp_path / name / artifacts.ROUTERS_NAME) for name in ("whole", "killed"))
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert log(tmp_path / "whole", "routers") == log(tmp_path / "killed", "routers")
+    assert not (tmp_path / "killed" / loop.CHECKPOINT_DIR).exists()
+    # A checkpoint resumes only with the settings that wrote it.
+    monkeypatch.setattr(loop, "_after_step", kill)
+    with pytest.raises(KeyboardInterrupt):
+        train_routers(fresh(), data["train"], tmp_path / "other", settings, progress=False)
+    monkeypatch.undo()
+    changed = RouterTraining(**{**dataclasses.asdict(settings), "lr": 2e-2})
+    with pytest.raises(FirstSkipError, match="'lr'"):
+        train_routers(fresh(), data["train"], tmp_path / "other", changed, resume=True, progress=False)
+
+
+def test_two_processes_agree_with_one(data, tmp_path):
+    launcher = Path(sys.executable).parent / "accelerate"
+    if not launcher.exists():
+        pytest.skip("accelerate's launcher is not installed")
+    settings = {"steps": 6, "batch_size": 6, "lr": 1e-2, "skip_target": 0.3, "hard_from": 0.5, "checkpoint_every": 0}
+    (tmp_path / "data.json").write_text(json.dumps(data["train"]))
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import json, sys, torch\n"
+        "from firstskip.modeling import FirstSkipModel\n"
+        "from firstskip.train import RouterTraining, train_routers\n"
+        "torch.manual_seed(0)\n"
+        f"data = [tuple(row) for row in json.load(open({str(tmp_path / 'data.json')!r}))]\n"
+        f"train_routers(FirstSkipModel.from_base({TINY!r}), data, sys.argv[1], RouterTraining(**{settings!r}),"
+        " progress=False)\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # --multi_gpu starts one process per rank through torch.distributed.run; without GPUs they use
+    # gloo on the CPU (`--cpu --num_processes 2` would start a single process).
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+                          str(script), str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    train_routers(fresh(), data["train"], tmp_path / "one", RouterTraining(**settings), progress=False)
+    one, two = (load_file(tmp_path / name / artifacts.ROUTERS_NAME) for name in ("one", "two"))
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=1e-4)
+    assert log(tmp_path / "two", "routers")[-1]["keep"] == pytest.approx(log(tmp_path / "one", "routers")[-1]["keep"], abs=1e-4)
+
+
+# -- phase 2 ---------------------------------------------------------------------------------------
+
+LORA = LoraTraining(steps=10, batch_size=8, lr=1e-2, rank=4, checkpoint_every=0)
+
+
+def test_phase2_leaves_routers_untouched_and_decides_like_inference(phase1_run, data, tmp_path, monkeypatch):
+    run = copy_run(phase1_run, tmp_path)
+    fsm = FirstSkipModel.from_pretrained(run)
+    before = {k: v.clone() for k, v in fsm.routers.state_dict().items()}
+    steps: list[tuple[torch.Tensor, torch.Tensor]] = []
+    real = phases.gated_forward
+
+    def spy(model, controller, batch, gate_fn):  # the gates phase 2 applies, and its pass's decisions
+        gates: dict[int, torch.Tensor] = {}
+
+        def recording(layer, p):
+            gates[layer] = gate_fn(layer, p)
+            return gates[layer]
+
+        logits, labels, probs = real(model, controller, batch, recording)
+        applied = torch.zeros(probs.shape, dtype=torch.bool)
+        for layer, gate in gates.items():
+            applied[:, layer] = gate == 0
+        steps.append((applied, decide(probs, fsm.config)))
+        return logits, labels, probs
+
+    def loss() -> float:  # on the training data, with the skip sets inference would choose
+        return response_loss(fsm, data["train"], decide(keep_probs(fsm, data["train"]), fsm.config))
+
+    untrained = loss()
+    monkeypatch.setattr(phases, "gated_forward", spy)
+    train_lora(fsm, data["train"], run, LORA, progress=False)
+    monkeypatch.undo()
+    assert all(torch.equal(before[k], v) for k, v in fsm.routers.state_dict().items())
+    assert all(torch.equal(before[k], v) for k, v in load_file(run / artifacts.ROUTERS_NAME).items())
+    assert loss() < untrained - 0.1
+    assert all(torch.equal(applied, decided) for applied, decided in steps)
+    assert any(applied.any() for applied, _ in steps)
+    # ... and the training pass decides as the engine's prefill does (same model, same prompts).
+    batch = collate(data["test"][:8], pad_id=0)
+    prompts = [ids[:n] for ids, n in data["test"][:8]]
+    _, _, probs = gated_forward(fsm.model, fsm.engine.controller, batch, lambda layer, p: p)
+    assert torch.equal(fsm.engine.prefill(prompts).skip, decide(probs, fsm.config))
+
+
+def test_lora_resume_with_dropout_equals_uninterrupted(phase1_run, data, tmp_path, monkeypatch):
+    settings = LoraTraining(steps=6, batch_size=4, lr=1e-2, rank=4, dropout=0.1, checkpoint_every=2)
+    whole = copy_run(phase1_run, tmp_path / "a")
+    train_lora(FirstSkipModel.from_pretrained(whole), data["train"], whole, settings, progress=False)
+    killed = copy_run(phase1_run, tmp_path / "b")
+
+    def kill(step: int) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "_after_step", kill)
+    with pytest.raises(KeyboardInterrupt):
+        train_lora(FirstSkipModel.from_pretrained(killed), data["train"], killed, settings, progress=False)
+    assert artifacts.load_config(killed).lora is None  # the routers-only run is still intact
+    monkeypatch.undo()
+    train_lora(FirstSkipModel.from_pretrained(killed), data["train"], killed, settings, resume=True, progress=False)
+    a, b = (load_file(run / "adapter" / "adapter_model.safetensors") for run in (whole, killed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_saved_and_reloaded_runs_generate_identically(phase1_run, data, tmp_path, merge):
+    run = copy_run(phase1_run, tmp_path)
+    trained = train_lora(FirstSkipModel.from_pretrained(run), data["train"], run, LORA, merge=merge, progress=False)
+    config = artifacts.load_config(run)
+    assert config.merged == merge and config.lora["r"] == 4
+    assert (run / "adapter" / "adapter_config.json").is_file() and (run / "model").is_dir() == merge
+    reloaded = FirstSkipModel.from_pretrained(run)
+    prompts = [ids[:n] for ids, n in data["test"][:6]]
+    sampling = Sampling(max_new_tokens=8)
+    first, second = (m.engine.generate(prompts, sampling) for m in (trained, reloaded))
+    assert [g.token_ids for g in first] == [g.token_ids for g in second]
+    assert [g.skipped_layers for g in first] == [g.skipped_layers for g in second]
+    assert any(g.skipped_layers for g in first)
+
+
+# -- the recipe and the CLI ------------------------------------------------------------------------
+
+class ByteTokenizer:
+    """Bytes as token ids (the tiny models' vocabulary is 256), enough for the recipe's text path."""
+
+    eos_token_id, pad_token_id, chat_template = 2, 0, None
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        return {"input_ids": list(text.encode("utf-8"))}
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return bytes(i for i in ids if i > 2).decode("utf-8", "replace")
+
+    def save_pretrained(self, folder) -> None:
+        pass
+
+
+@pytest.fixture
+def text_tiny(monkeypatch, shared_data):
+    monkeypatch.setattr(models, "_preset_tokenizer", lambda preset: ByteTokenizer())
+    return [str(shared_data / name) for name in ("samsum", "boolq")]
+
+
+def test_recipe_runs_both_phases_and_refuses_to_overwrite(text_tiny, tmp_path):
+    options = dict(skip_target=0.25, lora=True, merge=True, max_steps=2, batch_size=4, limit=8, holdout=6,
+                   max_length=48, progress=False)
+    fsm = train(TINY, text_tiny, tmp_path, **options)
+    config = artifacts.load_config(tmp_path)
+    assert config.merged and config.training["calibration"]["examples"] == 12
+    assert config.threshold == fsm.config.threshold and {"routers", "lora"} <= set(config.training)
+    with pytest.raises(FirstSkipError, match="--resume .* --overwrite"):
+        train(TINY, text_tiny, tmp_path, **options)
+    again = train(TINY, text_tiny, tmp_path, **options, resume=True)  # finished: nothing runs again
+    assert again.config.threshold == config.threshold and len(log(tmp_path, "routers")) == 2
+    train(TINY, text_tiny, tmp_path, **{**options, "lora": False, "merge": False}, overwrite=True)
+    assert not (tmp_path / "model").exists() and artifacts.load_config(tmp_path).lora is None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--skip-target", "0.2", "--lambda", "0.01"], "not both"),
+    (["--merge"], "add --lora"),
+    (["--resume", "--overwrite"], "one of them"),
+    (["--skip-target", "0.9"], "skippable"),
+])
+def test_train_command_errors_are_one_line(text_tiny, tmp_path, args, message):
+    result = CliRunner().invoke(app, ["train", "-m", TINY, "--data", text_tiny[1], "--out", str(tmp_path / "r"),
+                                      "--max-steps", "1", "--limit", "4", *args])
+    assert isinstance(result.exception, FirstSkipError) and message in str(result.exception)
+    assert "\n" not in str(result.exception)
+
+
+def test_calibrate_command_stores_the_threshold(text_tiny, tmp_path):
+    train(TINY, text_tiny, tmp_path, max_steps=2, batch_size=4, limit=8, max_length=48, progress=False)
+    result = CliRunner().invoke(app, ["calibrate", "--run", str(tmp_path), "--data", text_tiny[0],
+                                      "--data", text_tiny[1], "--skip-target", "0.5", "--limit", "8"])
+    assert result.exit_code == 0, result.output
+    reply = json.loads(result.output.strip().splitlines()[-1])
+    assert reply["examples"] == 16 and reply["skip_ratio"] == pytest.approx(0.5, abs=0.02)
+    assert artifacts.load_config(tmp_path).threshold == reply["threshold"]
