@@ -229,3 +229,13 @@ def test_bad_input_is_a_user_error():
 def test_every_family_row_is_tested():
     assert {"llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2"} <= set(FAMILIES)
     assert {"gemma2", "gemma3_text"} & set(FAMILIES)
+
+
+def test_mixed_batch_runs_each_layer_for_the_rows_that_keep_it():
+    model = tiny("llama")
+    rows_seen: dict[int, list[int]] = {i: [] for i in range(6)}
+    for i, layer in enumerate(decoder_layers(model)):
+        layer.mlp.register_forward_hook(lambda _m, inp, _out, i=i: rows_seen[i].append(inp[0].shape[0]))
+    engine(model).generate([prompt(6, 1), prompt(6, 2)], Sampling(max_new_tokens=3), skip=[[2, 3], [3, 4]])
+    decode = {i: seen[1:] for i, seen in rows_seen.items()}  # after the full prefill of both rows
+    assert decode[3] == [] and decode[2] == [1, 1] and decode[4] == [1, 1] and decode[1] == [2, 2]

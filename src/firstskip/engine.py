@@ -5,9 +5,9 @@ lives in `firstskip.modeling`). Its hot path is small on purpose: ``_step`` is o
 the model with a fixed list of layers to run, with no router and no per-token Python decision, so
 a static-cache / CUDA-graph path can replace it later without touching prefill or sampling.
 
-A batch is prefilled together (left padding). Rows then decode in groups that share a skip set:
-each group is a sub-batch whose skipped layers really do not run, and a row produces what it
-produces alone.
+A batch is prefilled and decoded together (left padding). A layer skipped by every row does not
+run; a layer kept by only some rows runs for those rows alone; a row produces what it produces
+alone.
 """
 
 from __future__ import annotations
@@ -164,13 +164,13 @@ class Engine:
 
     def decode(self, pre: Prefilled, sampling: Sampling | None = None, eos_token_ids: Sequence[int] = (),
                stop: StopFn | None = None) -> list[Generation]:
-        """Decode every row of a prefilled batch, one sub-batch per distinct skip set."""
-        sampling = sampling or Sampling()
-        results: list[Generation | None] = [None] * pre.skip.shape[0]
-        for rows in _groups(pre.skip):
-            for row, gen in zip(rows, self._decode_group(pre, rows, sampling, eos_token_ids, stop)):
-                results[row] = gen
-        return results  # type: ignore[return-value]
+        """Decode every row of a prefilled batch together, each row skipping its own layers."""
+        gens = [self._new_generation(pre, row) for row in range(pre.skip.shape[0])]
+        steps = self._decode_steps(pre, sampling or Sampling())
+        for column in steps:
+            if all([_finished(gen, token, eos_token_ids, stop) for gen, token in zip(gens, column)]):
+                steps.close()
+        return gens
 
     def stream(self, prompt: Sequence[int], sampling: Sampling | None = None, skip: Sequence[int] | None = None,
                eos_token_ids: Sequence[int] = (), stop: StopFn | None = None) -> Stream:
@@ -178,33 +178,18 @@ class Engine:
         pre = self.prefill([prompt], None if skip is None else [skip])
         return Stream(self, pre, sampling or Sampling(), eos_token_ids, stop)
 
-    def _decode_group(self, pre: Prefilled, rows: list[int], sampling: Sampling, eos: Sequence[int],
-                      stop: StopFn | None) -> list[Generation]:
-        gens = [self._new_generation(pre, r) for r in rows]
-        steps = self._decode_steps(pre, rows, sampling)
-        for column in steps:
-            if all([_finished(gen, token, eos, stop) for gen, token in zip(gens, column)]):
-                steps.close()
-        return gens
-
     def _new_generation(self, pre: Prefilled, row: int) -> Generation:
         probs = None if pre.probs is None else [round(float(p), 6) for p in pre.probs[row]]
         skipped = pre.skip[row].nonzero().squeeze(-1).tolist()
         return Generation([], skipped, probs, pre.prompt_lens[row])
 
     @torch.inference_mode()
-    def _decode_steps(self, pre: Prefilled, rows: list[int], sampling: Sampling) -> Iterator[list[int]]:
-        """Yield one column of new tokens per step for the rows of one skip-set group."""
-        index = torch.tensor(rows, device=self.device)
-        single = len(rows) == pre.skip.shape[0]
-        cache = pre.cache if single else pre.cache.select_rows(index)
-        skipped = set(pre.skip[rows[0]].nonzero().squeeze(-1).tolist())
-        cache.freeze(skipped)
-        mask = None if pre.mask is None else pre.mask[index]
-        positions = pre.positions[index]
-        logits = pre.logits[index]
+    def _decode_steps(self, pre: Prefilled, sampling: Sampling) -> Iterator[list[int]]:
+        """Yield one column of new tokens per step."""
+        cache, mask, positions, logits = pre.cache, pre.mask, pre.positions, pre.logits
+        cache.freeze(set(pre.skip.all(dim=0).nonzero().squeeze(-1).tolist()))
         generator = _generator(sampling.seed, self.device)
-        self.controller.set_decode(skipped)
+        self.controller.set_decode(pre.skip)
         try:
             for step in range(sampling.max_new_tokens):
                 tokens = sample(logits, sampling, generator)
@@ -231,7 +216,7 @@ class Stream:
     def __init__(self, engine: Engine, pre: Prefilled, sampling: Sampling, eos: Sequence[int],
                  stop: StopFn | None) -> None:
         self.result = engine._new_generation(pre, 0)
-        self._steps = engine._decode_steps(pre, [0], sampling)
+        self._steps = engine._decode_steps(pre, sampling)
         self._eos, self._stop = eos, stop
 
     @property
@@ -260,14 +245,6 @@ def _finished(gen: Generation, token: int, eos: Sequence[int], stop: StopFn | No
         gen.finish_reason = "stop"
         return True
     return False
-
-
-def _groups(skip: torch.Tensor) -> list[list[int]]:
-    """Row indices grouped by identical skip set, in first-seen order."""
-    groups: dict[tuple[bool, ...], list[int]] = {}
-    for row, pattern in enumerate(skip.tolist()):
-        groups.setdefault(tuple(pattern), []).append(row)
-    return list(groups.values())
 
 
 def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:

@@ -65,35 +65,30 @@ class SkipCache(DynamicCache):
     def get_query_offset(self, layer_idx: int = 0) -> int:
         return super().get_query_offset(self.redirect.get(layer_idx, layer_idx))
 
-    def select_rows(self, rows: torch.Tensor) -> SkipCache:
-        """A cache holding only some batch rows (shares nothing mutable with this one)."""
-        new = copy.copy(self)
-        new.layers = [_select_layer_rows(layer, rows) for layer in self.layers]
-        new.redirect = {}
-        return new
-
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers if layer.is_initialized
                    for t in (layer.keys, layer.values))
 
 
-def _select_layer_rows(layer: Any, rows: torch.Tensor) -> Any:
-    new = copy.copy(layer)
-    if layer.is_initialized:
-        new.keys, new.values = layer.keys[rows], layer.values[rows]
-    return new
+class _RowView(DynamicCache):
+    """The cache as seen by a layer that runs on some batch rows only.
 
+    New keys/values are written into those rows (zeros elsewhere: the other rows skip this layer
+    for good and never read it), and the layer gets back only its rows' history.
+    """
 
-class _Recorder(DynamicCache):
-    """Stands in for the cache when a layer runs on a subset of rows; records the new K/V."""
-
-    def __init__(self) -> None:
+    def __init__(self, cache: Cache, rows: torch.Tensor, batch: int) -> None:
         super().__init__()
-        self.recorded: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.cache, self.rows, self.batch = cache, rows, batch
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
-        self.recorded = (key_states, value_states)
-        return key_states, value_states
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        full = []
+        for t in (key_states, value_states):
+            f = t.new_zeros((self.batch, *t.shape[1:]))
+            f[self.rows] = t
+            full.append(f)
+        keys, values = self.cache.update(full[0], full[1], layer_idx, *args, **kwargs)
+        return keys[self.rows], values[self.rows]
 
 
 class SkipController:
@@ -106,7 +101,7 @@ class SkipController:
         self.prompt_mask: torch.Tensor | None = None
         self.probs: list[torch.Tensor | None] = []  # p_l per layer, [B] each, filled by prefill/train
         self.skip: torch.Tensor | None = None  # [B, L] rows' skip sets (forced, or routed decisions)
-        self.decode_skip: list[bool] = []
+        self.decode_rows: list[bool | torch.Tensor] = []
         self.gate_fn: GateFn | None = None
         self.forced = False
         self._protected = set(config.protected)
@@ -144,14 +139,21 @@ class SkipController:
         finally:
             self.mode, self.prompt_mask, self.gate_fn = "off", None, None
 
-    def set_decode(self, skipped: set[int]) -> None:
+    def set_decode(self, skip: torch.Tensor) -> None:
+        """Fix, for decoding, which rows run each layer: all (True), none (False) or some (indices).
+
+        Rows that agree need no per-row work; a layer kept by only some rows runs for those rows.
+        """
         self.mode = "decode"
-        self.decode_skip = [i in skipped for i in range(self.config.num_layers)]
+        self.decode_rows = [_rows_plan(~skip[:, i]) for i in range(skip.shape[1])]
 
     # -- the wrapped forward ---------------------------------------------------------------
     def _layer_forward(self, idx: int, inner: Callable, hidden: torch.Tensor, *args: Any, **kwargs: Any):
         if self.mode == "decode":
-            return hidden if self.decode_skip[idx] else inner(hidden, *args, **kwargs)
+            rows = self.decode_rows[idx]
+            if rows is True:
+                return inner(hidden, *args, **kwargs)
+            return hidden if rows is False else _run_rows(inner, rows, hidden, args, kwargs)
         if self.mode == "prefill":
             return self._prefill(idx, inner, hidden, args, kwargs)
         if self.mode == "train":
@@ -174,7 +176,7 @@ class SkipController:
             return inner(hidden, *args, **kwargs)
         if skip_rows.all():
             return hidden
-        return _run_rows(inner, idx, (~skip_rows).nonzero().squeeze(-1), hidden, args, kwargs)
+        return _run_rows(inner, (~skip_rows).nonzero().squeeze(-1), hidden, args, kwargs)
 
     def _routed_decision(self, idx: int, p: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
         """Decide layer idx for every row as the prompt reaches it; record it in self.skip."""
@@ -194,33 +196,27 @@ class SkipController:
         return hidden + g * (out - hidden)
 
 
-def _run_rows(inner: Callable, idx: int, rows: torch.Tensor, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
-    """Run a layer on some batch rows only; their new K/V go into the real cache's rows.
+def _rows_plan(keep: torch.Tensor) -> bool | torch.Tensor:
+    if keep.all():
+        return True
+    return keep.nonzero().squeeze(-1) if keep.any() else False
 
-    Used by routed prefill, where the cache is still empty, so the other rows get zeros there: they
-    skip this layer for good and never read it.
-    """
-    batch, recorder, cache = hidden.shape[0], _Recorder(), None
+
+def _run_rows(inner: Callable, rows: torch.Tensor, hidden: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    """Run a layer on some batch rows only; the others pass through unchanged, their cache untouched."""
+    batch = hidden.shape[0]
 
     def sub(x: Any) -> Any:
-        nonlocal cache
         if isinstance(x, Cache):
-            cache = x
-            return recorder
+            return _RowView(x, rows, batch)
         if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == batch:
             return x[rows]
         if isinstance(x, tuple):
             return tuple(sub(v) for v in x)
         return x
 
-    out_rows = inner(*[sub(a) for a in (hidden, *args)], **{k: sub(v) for k, v in kwargs.items()})
     out = hidden.clone()
-    out[rows] = out_rows
-    if cache is not None and recorder.recorded is not None:
-        full = [torch.zeros((batch, *t.shape[1:]), dtype=t.dtype, device=t.device) for t in recorder.recorded]
-        for f, t in zip(full, recorder.recorded):
-            f[rows] = t
-        cache.update(full[0], full[1], idx)
+    out[rows] = inner(*[sub(a) for a in (hidden, *args)], **{k: sub(v) for k, v in kwargs.items()})
     return out
 
 
