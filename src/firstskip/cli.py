@@ -276,6 +276,97 @@ def inspect_(
     typer.echo(f"wrote {out}")
 
 
+@app.command(epilog="Examples:\n\n"
+             "  firstskip train -m smollm2-135m --data ../shared/data/samsum --data ../shared/data/xsum "
+             "--data ../shared/data/boolq --out runs/mix --skip-target 0.25 --lora --merge\n\n"
+             "  firstskip train -m smollm2-135m --data builtin:boolq --out runs/boolq --lambda 0.01 --max-steps 50\n\n"
+             "  firstskip train -m smollm2-135m --data builtin:boolq --out runs/boolq --lambda 0.01 --max-steps 50 "
+             "--resume\n\n"
+             "  accelerate launch --multi_gpu --num_processes 2 $(which firstskip) train -m smollm2-135m "
+             "--data builtin:boolq --out runs/ddp --skip-target 0.25")
+def train(
+    model: Annotated[str, typer.Option("--model", "-m", help="Base model: packaged name, Hugging Face id or folder.")],
+    data: DataOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="The run folder to write.")],
+    skip_target: Annotated[Optional[float], typer.Option(
+        help="Target mode: skip this fraction of all layers on average (threshold calibrated on held-out data).")] = None,
+    lam: Annotated[Optional[float], typer.Option("--lambda", help="λ mode: weight of the mean keep-probability "
+                                                 "(the default mode, λ = 0.01).")] = None,
+    lora: Annotated[bool, typer.Option(help="Then train LoRA adapters under the learned skip sets.")] = False,
+    merge: Annotated[bool, typer.Option(help="Also save the adapter merged into the weights (RUN/model).")] = False,
+    max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps per phase (default: the measured "
+                                                     "recipe's, 60 for routers and 30 for LoRA).")] = None,
+    epochs: Annotated[Optional[float], typer.Option(help="Passes over the data instead of --max-steps.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Routers' learning rate.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Examples per step, summed over processes.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Data order, held-out split and LoRA initialisation.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Train on at most this many examples per dataset.")] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="Tokens per example (prompts are cut from the left).")] = None,
+    holdout: Annotated[Optional[int], typer.Option(help="Examples per dataset kept out for calibration.")] = None,
+    lora_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps of the LoRA phase.")] = None,
+    lora_lr: Annotated[Optional[float], typer.Option(help="LoRA learning rate.")] = None,
+    lora_rank: Annotated[Optional[int], typer.Option(help="LoRA rank.")] = None,
+    resume: Annotated[bool, typer.Option(help="Go on from the run's last checkpoint; finished phases are kept.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out.")] = False,
+    threads: ThreadsOpt = None,
+    dtype: DtypeOpt = "float32",
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda ... (default: accelerate's choice).")] = None,
+) -> None:
+    """Train routers on a frozen base model (then LoRA with --lora) into a run folder (train splits)."""
+    from firstskip.train import train as train_run
+
+    _set_threads(threads)
+    options = dict(skip_target=skip_target, lam=lam, max_steps=max_steps, epochs=epochs, lr=lr, batch_size=batch_size,
+                   seed=seed, limit=limit, max_length=max_length, holdout=holdout, lora_steps=lora_steps,
+                   lora_lr=lora_lr, lora_rank=lora_rank, device=device)
+    fsm = train_run(model, data, out, lora=lora, merge=merge, resume=resume, overwrite=overwrite, dtype=dtype,
+                    **{k: v for k, v in options.items() if v is not None})
+    typer.echo(json.dumps({"run": str(out), "threshold": fsm.config.threshold,
+                           "calibration": fsm.config.training.get("calibration")}))
+
+
+@app.command(epilog="Examples:\n\n"
+             "  firstskip calibrate --run runs/mix --data ../shared/data/samsum --data ../shared/data/xsum "
+             "--data ../shared/data/boolq --skip-target 0.25\n\n"
+             "  firstskip calibrate --run runs/mix --data builtin:boolq --max-drop 0.05 --limit 64")
+def calibrate(
+    run: Annotated[Path, typer.Option("--run", "-r", help="A trained run folder.")],
+    data: DataOpt,
+    skip_target: Annotated[Optional[float], typer.Option(help="Mean fraction of all layers to skip.")] = None,
+    max_drop: Annotated[Optional[float], typer.Option(
+        help="Largest skip ratio whose response loss grows by at most this fraction (0.05 = 5%).")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Examples per dataset: the first of a seeded shuffle (with "
+                                                 "the training seed and the default, exactly those `train` held out).")] = None,
+    split: Annotated[str, typer.Option(help="Which split to read.")] = "train",
+    seed: Annotated[int, typer.Option(help="Seed of the shuffle.")] = 0,
+) -> None:
+    """Choose the skip threshold on held-out data and store it in the run."""
+    import dataclasses
+
+    from firstskip.train import calibrate as calibrate_run
+    from firstskip.train import held_out_examples
+
+    result = calibrate_run(run, held_out_examples(data, limit, seed, split), skip_target, max_drop)
+    typer.echo(json.dumps(dataclasses.asdict(result)))
+
+
+@app.command(epilog="Examples:\n\n  firstskip demo --quick\n\n  firstskip demo --out my-demo")
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the run, the evaluation, the plots and report.md.")] = Path(
+        "firstskip-demo"),
+    quick: Annotated[bool, typer.Option(help="A first look in a few minutes (fewer steps and items).")] = False,
+) -> None:
+    """Train FiRST on the packaged model and offline data, evaluate it and write a report.
+
+    Interrupted, it resumes where it stopped when run again with the same --out.
+    """
+    from firstskip.demo import example_command, run_demo, table
+
+    results = run_demo(out, quick=quick)
+    typer.echo("\n".join(table(results)))
+    typer.echo(f"\nreport: {out / 'report.md'}\ntry: {example_command(out / 'run')}")
+
+
 def main() -> None:
     """Console entry point: user mistakes become one line on stderr and exit code 2."""
     try:

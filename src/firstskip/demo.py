@@ -24,13 +24,17 @@ SKIP_TARGET = 0.25
 class DemoSize:
     train_limit: int  # training examples per dataset
     steps: int  # optimizer steps per phase (routers, then LoRA)
+    batch_size: int  # training examples per step
+    max_length: int  # tokens per training example
     eval_limit: int  # held-out test items per dataset
     methods: str  # what the evaluation compares
 
 
 SIZES = {
-    "quick": DemoSize(train_limit=48, steps=12, eval_limit=8, methods="full,first,shortgpt,uls"),
-    "full": DemoSize(train_limit=400, steps=100, eval_limit=40, methods="full,lora-only,first,random,last,shortgpt,uls"),
+    "quick": DemoSize(train_limit=24, steps=4, batch_size=2, max_length=192, eval_limit=4,
+                      methods="full,first,shortgpt"),
+    "full": DemoSize(train_limit=400, steps=100, batch_size=8, max_length=320, eval_limit=40,
+                     methods="full,lora-only,first,random,last,shortgpt,uls"),
 }
 
 
@@ -43,7 +47,7 @@ def run_demo(out: str | os.PathLike = "firstskip-demo", quick: bool = False, pro
     out = Path(out)
     run_dir, eval_dir = out / "run", out / "eval"
     train(MODEL, list(DATA), run_dir, skip_target=SKIP_TARGET, lora=True, max_steps=size.steps,
-          limit=size.train_limit, resume=(run_dir / "checkpoint").exists() or (run_dir / "config.json").exists(),
+          limit=size.train_limit, batch_size=size.batch_size, max_length=size.max_length, resume=(run_dir / "checkpoint").exists() or (run_dir / "config.json").exists(),
           progress=progress)
     results = evaluate_run(run_dir, list(DATA), methods=size.methods, limit=size.eval_limit, out_dir=eval_dir,
                            progress=progress)
@@ -64,7 +68,7 @@ def table(results: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {name} | {metric} | {score('full'):.1f} | {score('first'):.1f} | "
             + (f"{best} {score(best):.1f}" if best else "–")
-            + f" | {first['skip_ratio']:.2f} | {first['speed']['decode_speedup']:.2f}× |"
+            + f" | {first['skip']['skip_ratio']:.2f} | {first['speed']['decode_speedup']:.2f}× |"
         )
     return lines
 

@@ -23,7 +23,7 @@ from firstskip.routers import decide
 from firstskip.train.loop import Encoded, on_main
 from firstskip.train.passes import gated_forward, hard_gate, prompt_keep_probs, response_ce
 
-DEFAULT_MAX_LENGTH = 512
+DEFAULT_MAX_LENGTH = 2048  # text examples: whole prompts as inference sees them, within reason
 
 
 @dataclass
@@ -81,6 +81,7 @@ def _encoded(fsm: FirstSkipModel, examples: Sequence[Example] | Encoded, max_len
         return list(examples)  # type: ignore[arg-type]
     if fsm.tokenizer is None:
         raise FirstSkipError("this model has no tokenizer: give token ids instead of text examples")
+    max_length = min(max_length, getattr(fsm.model.config, "max_position_embeddings", None) or max_length)
     return [encode_example(fsm.tokenizer, ex, max_length) for ex in examples]  # type: ignore[arg-type]
 
 

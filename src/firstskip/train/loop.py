@@ -14,6 +14,7 @@ so averaged gradients equal one process's gradient on the whole batch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -86,6 +87,7 @@ class StepInfo:
     tokens: int  # response tokens in the global batch (loss normaliser)
     rows: int  # rows in the global batch
     reduce: Callable[[torch.Tensor], torch.Tensor]  # sum over processes (identity for one)
+    gather: Callable[[torch.Tensor], torch.Tensor]  # every process's rows, concatenated
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
@@ -130,36 +132,56 @@ def run_loop(objective: nn.Module, data: Encoded, settings: LoopSettings, run_di
                dynamic_ncols=True)
     reduce = (lambda t: accelerator.reduce(t, "sum")) if world > 1 else (lambda t: t)
     summary = None
-    for step in range(start, total):
-        torch.manual_seed(settings.seed * 1_000_003 + step * 1_009 + rank)  # dropout etc.: f(seed, step, rank)
-        rows = batch_indices(len(data), settings.batch_size, step, settings.seed)
-        info = StepInfo(step, total, sum(len(data[i][0]) - data[i][1] for i in rows), len(rows), reduce)
-        batch = collate([data[i] for i in rows[rank::world]], pad_id=0).to(accelerator.device)
-        for group in optimizer.param_groups:
-            group["lr"] = settings.lr_at(step, total)
-        loss, stats = model(batch, info)
-        accelerator.backward(loss * world)  # DDP averages gradients; the loss is already globally normalised
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        summary = objective.summarize({k: reduce(v.detach()) for k, v in stats.items()}, info)
-        log.write({"step": step + 1, "lr": settings.lr_at(step, total), **summary})
-        bar.update(1)
-        bar.set_postfix({k: summary[k] for k in ("loss", "keep", "skip") if k in summary}, refresh=False)
-        done = step + 1
-        if settings.checkpoint_every and done % settings.checkpoint_every == 0 and done < total:
-            if accelerator.is_main_process:
-                _save_checkpoint(run_dir, phase, done, settings, fingerprint, named, optimizer)
-            accelerator.wait_for_everyone()
-        _after_step(done)
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):  # reseeded every step; the caller's generator is left as it was
+        for step in range(start, total):
+            torch.manual_seed(settings.seed * 1_000_003 + step * 1_009 + rank)  # dropout etc.: f(seed, step, rank)
+            rows = batch_indices(len(data), settings.batch_size, step, settings.seed)
+            gather = functools.partial(_gather_rows, accelerator, len(rows)) if world > 1 else (lambda t: t)
+            info = StepInfo(step, total, sum(len(data[i][0]) - data[i][1] for i in rows), len(rows), reduce, gather)
+            batch = collate([data[i] for i in rows[rank::world]], pad_id=0).to(accelerator.device)
+            for group in optimizer.param_groups:
+                group["lr"] = settings.lr_at(step, total)
+            loss, stats = model(batch, info)
+            accelerator.backward(loss * world)  # DDP averages gradients; the loss is already globally normalised
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            summary = objective.summarize({k: reduce(v.detach()) for k, v in stats.items()}, info)
+            log.write({"step": step + 1, "lr": settings.lr_at(step, total), "processes": world, **summary})
+            bar.set_postfix({k: summary[k] for k in ("loss", "keep", "skip", "tau") if k in summary}, refresh=False)
+            bar.update(1)
+            done = step + 1
+            if settings.checkpoint_every and done % settings.checkpoint_every == 0 and done < total:
+                if accelerator.is_main_process:
+                    _save_checkpoint(run_dir, phase, done, settings, fingerprint, named, optimizer)
+                accelerator.wait_for_everyone()
+            _after_step(done)
     bar.close()
     return summary
 
 
-def on_main(write: Callable[[], Any]) -> None:
-    """Run a write on the main process only; every process waits until it is done."""
+def _gather_rows(accelerator: Any, rows: int, local: torch.Tensor) -> torch.Tensor:
+    """All processes' rows of a global batch of ``rows`` (shards differ by one row at most)."""
+    world, size = accelerator.num_processes, -(-rows // accelerator.num_processes)
+    padded = torch.cat([local, local.new_zeros(size - local.shape[0], *local.shape[1:])])
+    every = accelerator.gather(padded).view(world, size, *local.shape[1:])
+    return torch.cat([every[rank, :len(range(rank, rows, world))] for rank in range(world)])
+
+
+def process_state() -> Any:
+    """accelerate's view of this process (rank, world, device).
+
+    Without GPUs it must be asked for the CPU: a state first created without ``cpu=True`` takes
+    a multi-process launch on a GPU-less machine for a single process, and it is created once.
+    """
     from accelerate import PartialState
 
-    state = PartialState()
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def on_main(write: Callable[[], Any]) -> None:
+    """Run a write on the main process only; every process waits until it is done."""
+    state = process_state()
     if state.is_main_process:
         write()
     state.wait_for_everyone()

@@ -7,7 +7,7 @@ as at inference. The two-piece pass of phase 1 left-pads the prompts, as the eng
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -38,8 +38,12 @@ def gated_forward(model: nn.Module, controller: SkipController, batch: Batch,
 
 
 def prompt_then_response(model: nn.Module, controller: SkipController, routers: RouterBank, batch: Batch,
-                         gate_fn: GateFn) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(summed response CE, probs [B, L])`` as `gated_forward` gives them, far cheaper to differentiate.
+                         make_gate: Callable[[torch.Tensor], GateFn]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(response CE summed per row [B], probs [B, L])`` as `gated_forward` gives them, far cheaper to
+    differentiate.
+
+    ``make_gate(probs)`` returns the gate function once all keep-probabilities are known (a gate may
+    depend on all of them, e.g. a threshold that meets a skip target on the batch).
 
     For a frozen base, prompt tokens never pass a gate, so their states and keys/values do not
     depend on the routers: the prompt runs once without autograd (a prefill into a KV cache that
@@ -54,13 +58,14 @@ def prompt_then_response(model: nn.Module, controller: SkipController, routers: 
                     past_key_values=cache, use_cache=True, output_hidden_states=True, logits_to_keep=1)
     probs = torch.stack([routers.keep_probability(layer, out.hidden_states[layer], prompt_mask)
                          for layer in range(len(out.hidden_states) - 1)], dim=-1)
-    ce_first = response_ce(out.logits, first_labels[:, None])  # predicted from the prompt: no gradient
+    ce_first = response_ce(out.logits, first_labels[:, None], per_row=True)  # from the prompt: no gradient
     steps = torch.arange(1, response_ids.shape[1] + 1, device=positions.device)
+    gate_fn = make_gate(probs)
     with controller.mode_ctx("train", prompt_mask=torch.zeros_like(response_mask),
                              gate_fn=lambda layer, _: gate_fn(layer, probs[:, layer])):
         logits = model(input_ids=response_ids, attention_mask=torch.cat([prompt_mask, response_mask], -1).long(),
                        position_ids=positions[:, -1:] + steps, past_key_values=cache, use_cache=True).logits
-    return ce_first + response_ce(logits, labels), probs
+    return ce_first + response_ce(logits, labels, per_row=True), probs
 
 
 def _split_rows(batch: Batch) -> tuple[torch.Tensor, ...]:
@@ -88,9 +93,10 @@ def _split_rows(batch: Batch) -> tuple[torch.Tensor, ...]:
     return prompt_ids, prompt_mask, first_labels, response_ids, response_mask, labels
 
 
-def response_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy over response tokens (labels are already shifted)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum")
+def response_ce(logits: torch.Tensor, labels: torch.Tensor, per_row: bool = False) -> torch.Tensor:
+    """Cross-entropy summed over response tokens (labels are already shifted), or per row [B]."""
+    losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
+    return losses.view(labels.shape).sum(-1) if per_row else losses.sum()
 
 
 def hard_gate(skip: torch.Tensor) -> GateFn:

@@ -26,6 +26,7 @@ from firstskip.families import family_of
 from firstskip.modeling import FirstSkipModel
 from firstskip.routers import decide
 from firstskip.skipping import GateFn
+from firstskip.train.calibrate import threshold_for_ratio
 from firstskip.train.loop import Encoded, LoopSettings, StepInfo, clear_checkpoint, on_main, run_loop
 from firstskip.train.passes import gated_forward, hard_gate, prompt_keep_probs, prompt_then_response, response_ce
 
@@ -36,21 +37,29 @@ from firstskip.train.passes import gated_forward, hard_gate, prompt_keep_probs, 
 class RouterTraining(LoopSettings):
     """Phase 1 settings. Defaults are the measured smollm2-135m recipe (docs/training.md).
 
-    Two regularisers pull towards skipping; exactly one is active:
+    The fit term is the response cross-entropy, by default each row's mean token loss averaged
+    over rows (``per_example``), so a 2-token answer weighs as much as a 30-token summary when
+    the routers share out the skips. Two regularisers pull towards skipping; exactly one is active:
     - λ mode (``skip_target`` None): ``lam * R``, R = mean keep-probability of skippable layers;
     - target mode: ``target_weight * (R - r*)**2`` with ``r* = 1 - skip_target * L / S``: the mean
       keep-probability at which skipping S(1 - R) of the S skippable layers skips ``skip_target``
       of all L layers (protected layers count as kept).
-    ``polarize * mean p(1 - p)`` pushes each p towards 0 or 1, so the hard decision (threshold 0.5)
-    follows the soft one; ``hard_from`` switches to straight-through hard gates for the last part.
+    ``polarize * mean p(1 - p)`` pushes each p towards 0 or 1. From step ``hard_from * steps`` on,
+    gates are straight-through hard ones: forward 1[p >= tau], gradient of p, with tau = the
+    config's threshold in λ mode and, in target mode, the threshold that meets the target on the
+    batch (as calibration will choose it): a mean keep-probability at the target does not make
+    a threshold of 0.5 skip the target's share of layers (measured: 2-7% instead of 25%).
     """
 
+    steps: int | None = 60
     lr: float = 3e-3
     lam: float = 0.01
     skip_target: float | None = None
     target_weight: float = 10.0
     polarize: float = 0.1
     hard_from: float | None = 0.7
+    hard_threshold: float | None = None  # None: as described above; a number: always that threshold
+    per_example: bool = True  # loss = mean over rows of each row's mean token loss (else: mean over tokens)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -60,6 +69,8 @@ class RouterTraining(LoopSettings):
             raise FirstSkipError(f"skip target must lie in [0, 1), got {self.skip_target}")
         if self.hard_from is not None and not 0 <= self.hard_from <= 1:
             raise FirstSkipError(f"hard_from must lie in [0, 1], got {self.hard_from}")
+        if self.hard_threshold is not None and not 0 < self.hard_threshold < 1:
+            raise FirstSkipError(f"hard_threshold must lie in (0, 1), got {self.hard_threshold}")
 
     def target_keep(self, config: FirstSkipConfig) -> float | None:
         """r*, the mean keep-probability of skippable layers that meets ``skip_target`` (None in λ mode)."""
@@ -82,14 +93,15 @@ class RouterObjective(nn.Module):
         self.config, self.settings = fsm.config, settings
         self.skippable = fsm.config.skippable
         self.target = settings.target_keep(fsm.config)
+        self._tau: float | None = None  # last batch's target threshold, for the log
 
     def hard(self, info: StepInfo) -> bool:
         return self.settings.hard_from is not None and info.step >= self.settings.hard_from * info.total
 
     def forward(self, batch: Batch, info: StepInfo) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        tau = self.config.threshold
-        gate = straight_through(tau) if self.hard(info) else (lambda layer, p: p)
-        ce, probs = prompt_then_response(self.model, self.controller, self.routers, batch, gate)
+        ce, probs = prompt_then_response(self.model, self.controller, self.routers, batch,
+                                         lambda probs: self._gate(probs, info))
+        per_example = ce / (batch.labels != -100).sum(-1)  # each row's mean loss per response token
         p = probs[:, self.skippable]
         count = info.rows * len(self.skippable)  # global: sums over rows and layers divide by this
         keep_sum, polar_sum = p.sum(), (p * (1 - p)).sum()
@@ -100,23 +112,42 @@ class RouterObjective(nn.Module):
             # this term has exactly that gradient on every process.
             mean = info.reduce(keep_sum.detach()) / count
             reg = 2 * self.settings.target_weight * (mean - self.target) * keep_sum / count
-        loss = ce / info.tokens + reg + self.settings.polarize * polar_sum / count
-        stats = {"ce": ce.detach(), "keep": probs.detach().sum(0), "polar": polar_sum.detach(),
-                 "skipped": (p.detach() < tau).sum().float()}
+        fit = per_example.sum() / info.rows if self.settings.per_example else ce.sum() / info.tokens
+        loss = fit + reg + self.settings.polarize * polar_sum / count
+        stats = {"ce": ce.detach().sum(), "ce_example": per_example.detach().sum(), "keep": probs.detach().sum(0),
+                 "polar": polar_sum.detach(),
+                 "skipped": (p.detach() < self.config.threshold).sum().float()}
         return loss, stats
+
+    def _gate(self, probs: torch.Tensor, info: StepInfo) -> GateFn:
+        """Soft gates, then straight-through hard ones. In target mode the hard threshold is the one
+        that meets the target on this batch, as calibration will choose it for inference; a fixed
+        0.5 would skip far fewer layers while the mean keep-probability sits at the target."""
+        self._tau = None
+        if self.target is not None:
+            self._tau = threshold_for_ratio(info.gather(probs.detach()), self.config, self.settings.skip_target)
+        if not self.hard(info):
+            return lambda layer, p: p
+        tau = self.settings.hard_threshold or (self.config.threshold if self._tau is None else self._tau)
+        return straight_through(tau)
 
     def summarize(self, stats: dict[str, torch.Tensor], info: StepInfo) -> dict[str, Any]:
         per_layer = stats["keep"] / info.rows
         keep = float(per_layer[self.skippable].mean())
-        ce = float(stats["ce"]) / info.tokens
+        ce, ce_example = float(stats["ce"]) / info.tokens, float(stats["ce_example"]) / info.rows
+        fit = ce_example if self.settings.per_example else ce
         if self.target is None:
             reg = self.settings.lam * keep
         else:
             reg = self.settings.target_weight * (keep - self.target) ** 2
         reg += self.settings.polarize * float(stats["polar"]) / (info.rows * len(self.skippable))
-        return {"loss": round(ce + reg, 5), "ce": round(ce, 5), "reg": round(reg, 5), "keep": round(keep, 4),
-                "skip": round(float(stats["skipped"]) / (info.rows * self.config.num_layers), 4),
-                "hard": self.hard(info), "keep_per_layer": [round(float(v), 4) for v in per_layer]}
+        summary = {"loss": round(fit + reg, 5), "ce": round(ce, 5), "ce_example": round(ce_example, 5),
+                   "reg": round(reg, 5), "keep": round(keep, 4),
+                   "skip": round(float(stats["skipped"]) / (info.rows * self.config.num_layers), 4),
+                   "hard": self.hard(info)}
+        if self._tau is not None:
+            summary["tau"] = round(self._tau, 4)  # the threshold that meets the target on this batch
+        return {**summary, "keep_per_layer": [round(float(v), 4) for v in per_layer]}
 
 
 def straight_through(tau: float) -> GateFn:
@@ -161,7 +192,8 @@ def train_routers(fsm: FirstSkipModel, data: Encoded, run_dir: str | os.PathLike
 class LoraTraining(LoopSettings):
     """Phase 2 settings: peft LoRA on the family's target modules unless ``targets`` is given."""
 
-    lr: float = 5e-4
+    steps: int | None = 30
+    lr: float = 1e-3
     rank: int = 8
     alpha: float = 16.0
     dropout: float = 0.0

@@ -23,18 +23,19 @@ from firstskip.errors import FirstSkipError
 from firstskip.modeling import FirstSkipModel
 from firstskip.models import model_reference
 from firstskip.train.calibrate import calibrate
-from firstskip.train.loop import CHECKPOINT_DIR, LOG_NAME, on_main
+from firstskip.train.loop import CHECKPOINT_DIR, LOG_NAME, on_main, process_state
 from firstskip.train.phases import LoraTraining, RouterTraining, train_lora, train_routers
 
-# The measured smollm2-135m recipe on 2 CPU cores (docs/training.md).
-DEFAULT_MAX_LENGTH = 320
+# The measured smollm2-135m recipe on 2 CPU cores (docs/training.md); steps and learning rates are
+# the defaults of RouterTraining and LoraTraining.
+DEFAULT_MAX_LENGTH = 256
 DEFAULT_HOLDOUT = 32
 DEFAULT_BATCH_SIZE = 8
 
 
 def train(model: str, data: Sequence[str], out: str | os.PathLike, *, skip_target: float | None = None,
           lam: float | None = None, lora: bool = False, merge: bool = False, max_steps: int | None = None,
-          epochs: float = 1.0, lr: float | None = None, batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0,
+          epochs: float | None = None, lr: float | None = None, batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0,
           limit: int | None = None, max_length: int = DEFAULT_MAX_LENGTH, holdout: int = DEFAULT_HOLDOUT,
           lora_steps: int | None = None, lora_lr: float | None = None, lora_rank: int | None = None,
           resume: bool = False, overwrite: bool = False, dtype: str = "float32", device: str | None = None,
@@ -49,15 +50,15 @@ def train(model: str, data: Sequence[str], out: str | os.PathLike, *, skip_targe
         lam: λ mode: weight of the mean keep-probability (default 0.01 when no target is given).
         lora: run phase 2 (LoRA under the learned skip sets) after the routers.
         merge: save the adapter merged into the weights as well (needs ``lora``).
-        max_steps: optimizer steps per phase (default: ``epochs`` passes over the data).
-        epochs: passes over the data when ``max_steps`` is not given.
+        max_steps: optimizer steps per phase (default: the settings' own, 60 and 30).
+        epochs: passes over the data instead of a number of steps.
         lr: routers' learning rate (LoRA's is ``lora_lr``).
         batch_size: examples per step, over all processes.
         seed: data order, held-out split and LoRA initialisation.
         limit: train on at most this many examples per dataset.
         max_length: tokens per example (the prompt is cut from the left).
         holdout: examples per dataset kept out of training for calibration (target mode).
-        lora_steps: optimizer steps of phase 2 (default: as phase 1).
+        lora_steps: optimizer steps of phase 2 (default: ``max_steps`` if given).
         lora_lr: LoRA learning rate; lora_rank: LoRA rank.
         resume: go on from the run's last checkpoint and skip finished phases.
         overwrite: replace an existing run in ``out``.
@@ -67,25 +68,29 @@ def train(model: str, data: Sequence[str], out: str | os.PathLike, *, skip_targe
     _check_args(data, skip_target, lam, merge, lora, resume, overwrite)
     out = Path(out)
     _prepare_out(out, resume, overwrite)
-    routers_settings = RouterTraining(**_given(steps=max_steps, lr=lr), epochs=epochs, batch_size=batch_size,
-                                      seed=seed, skip_target=skip_target, **_given(lam=lam))
-    lora_settings = LoraTraining(**_given(steps=lora_steps or max_steps, lr=lora_lr, rank=lora_rank), epochs=epochs,
-                                 batch_size=batch_size, seed=seed)
-    held_out, examples = _split(data, seed, holdout if skip_target is not None else 0, limit)
+    if max_steps is not None and epochs is not None:
+        raise FirstSkipError("give --max-steps or --epochs, not both")
+    length = {"steps": None, "epochs": epochs} if epochs is not None else _given(steps=max_steps)
+    routers_settings = RouterTraining(**length, **_given(lr=lr, lam=lam), batch_size=batch_size, seed=seed,
+                                      skip_target=skip_target)
+    lora_length = _given(steps=lora_steps) or length
+    lora_settings = LoraTraining(**lora_length, **_given(lr=lora_lr, rank=lora_rank), batch_size=batch_size, seed=seed)
+    held_out, examples = split_examples(data, seed, holdout if skip_target is not None else 0, limit)
     fsm = _load(model, out, resume, seed, dtype, device)
     if fsm.tokenizer is None:
         raise FirstSkipError(f"{model} has no tokenizer, so text data cannot be encoded; train on token ids with "
                              "firstskip.train.train_routers instead")
     encoded = [encode_example(fsm.tokenizer, ex, max_length) for ex in examples]
-    held = [encode_example(fsm.tokenizer, ex, max_length) for ex in held_out]
     if "routers" not in fsm.config.training:
         train_routers(fsm, encoded, out, routers_settings, resume=resume, progress=progress)
-        if skip_target is not None:
-            calibrate(out, held, skip_target, model=fsm)
+        if skip_target is not None:  # whole prompts, as inference will score them
+            calibrate(out, held_out, skip_target, model=fsm)
     if lora and fsm.config.lora is None:
+        first = fsm.config.training.get("calibration")
         train_lora(fsm, encoded, out, lora_settings, merge=merge, resume=resume, progress=progress)
-        if skip_target is not None:
-            calibrate(out, held, skip_target, model=fsm)
+        if skip_target is not None:  # the adapter moves the routers' inputs: calibrate again
+            fsm.update_config(training={**fsm.config.training, "calibration_before_lora": first})
+            calibrate(out, held_out, skip_target, model=fsm)
     return fsm
 
 
@@ -136,7 +141,7 @@ def held_out_examples(specs: Sequence[str], n: int | None = None, seed: int = 0,
     return mix_examples([load_examples(spec, split, shuffle=True, seed=seed)[:n] for spec in specs], seed)
 
 
-def _split(specs: Sequence[str], seed: int, holdout: int, limit: int | None) -> tuple[list[Example], list[Example]]:
+def split_examples(specs: Sequence[str], seed: int, holdout: int, limit: int | None) -> tuple[list[Example], list[Example]]:
     """(held-out, training) examples: per dataset, a seeded shuffle cut into its first ``holdout``
     (as `held_out_examples`) and the next ``limit``; each side mixed across datasets."""
     held, train = [], []
@@ -153,9 +158,7 @@ def _split(specs: Sequence[str], seed: int, holdout: int, limit: int | None) -> 
 def _load(model: str, out: Path, resume: bool, seed: int, dtype: str, device: str | None) -> FirstSkipModel:
     """The base model, or the run so far when resuming after a finished phase."""
     if device is None:
-        from accelerate import PartialState
-
-        device = str(PartialState().device)
+        device = str(process_state().device)  # under `accelerate launch`, this process's device
     if not (resume and (out / artifacts.CONFIG_NAME).is_file()):
         torch.manual_seed(seed)  # the routers' first layers are drawn at random
         return FirstSkipModel.from_base(model, dtype=dtype, device=device)
