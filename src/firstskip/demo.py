@@ -33,8 +33,9 @@ class DemoSize:
 SIZES = {
     "quick": DemoSize(train_limit=24, steps=4, batch_size=2, max_length=192, eval_limit=4,
                       methods="full,first,shortgpt"),
-    "full": DemoSize(train_limit=400, steps=100, batch_size=8, max_length=320, eval_limit=40,
-                     methods="full,lora-only,first,random,last,shortgpt,uls"),
+    # Sized to fit about 15 minutes on 2 CPU cores; `firstskip train` defaults train longer.
+    "full": DemoSize(train_limit=200, steps=30, batch_size=8, max_length=256, eval_limit=24,
+                     methods="full,lora-only,first,last,shortgpt,uls"),
 }
 
 
