@@ -24,9 +24,8 @@ V1 = {"steps": 80, "max_length": 320, "per_example": False}
 VARIANTS = {
     "v1-st05": {**V1, "hard_threshold": 0.5},
     "v1-soft": {**V1, "polarize": 0.0, "hard_from": None},
-    "quantile-token": {"per_example": False},
-    "soft-example": {"polarize": 0.0, "hard_from": None},
-    "default": {},
+    "soft-example": {"polarize": 0.0, "hard_from": None, "per_example": True},
+    "default": {},  # phase 1 of runs/smollm2-mix
 }
 DATA = ["../shared/data/samsum", "../shared/data/xsum", "../shared/data/boolq"]
 

@@ -33,7 +33,7 @@ from firstskip.modeling import FirstSkipModel
 from firstskip.routers import decide
 from firstskip.skipping import pruned_copy
 from firstskip.train import LoraTraining, RouterTraining, calibrate, train, train_lora, train_routers
-from firstskip.train import loop, phases
+from firstskip.train import loop, phases, recipe
 from firstskip.train.calibrate import keep_probs, response_loss, skip_ratio, threshold_for_ratio
 from firstskip.train.passes import gated_forward, prompt_then_response, response_ce
 
@@ -349,6 +349,29 @@ def test_recipe_runs_both_phases_and_refuses_to_overwrite(text_tiny, tmp_path):
     assert again.config.threshold == config.threshold and len(log(tmp_path, "routers")) == 2
     train(TINY, text_tiny, tmp_path, **{**options, "lora": False, "merge": False}, overwrite=True)
     assert not (tmp_path / "model").exists() and artifacts.load_config(tmp_path).lora is None
+
+
+@pytest.mark.parametrize("crash_at", [1, 2])
+def test_recipe_resumes_after_a_crash_around_calibration(text_tiny, tmp_path, monkeypatch, crash_at):
+    """Killed before the first (after phase 1) or the second (after LoRA) calibration, --resume does it."""
+    options = dict(skip_target=0.25, lora=True, max_steps=2, batch_size=4, limit=8, holdout=6, max_length=48,
+                   progress=False)
+    calls = []
+
+    def crashing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == crash_at:
+            raise KeyboardInterrupt
+        return calibrate(*args, **kwargs)
+
+    monkeypatch.setattr(recipe, "calibrate", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        train(TINY, text_tiny, tmp_path, **options)
+    monkeypatch.setattr(recipe, "calibrate", calibrate)
+    train(TINY, text_tiny, tmp_path, **options, resume=True)
+    training = artifacts.load_config(tmp_path).training
+    assert training["calibration"]["skip_ratio"] == pytest.approx(0.25, abs=0.02)
+    assert training["calibration_before_lora"]["examples"] == 12 and len(log(tmp_path, "lora")) == 2
 
 
 @pytest.mark.parametrize("args, message", [

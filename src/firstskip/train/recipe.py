@@ -81,16 +81,18 @@ def train(model: str, data: Sequence[str], out: str | os.PathLike, *, skip_targe
         raise FirstSkipError(f"{model} has no tokenizer, so text data cannot be encoded; train on token ids with "
                              "firstskip.train.train_routers instead")
     encoded = [encode_example(fsm.tokenizer, ex, max_length) for ex in examples]
+    # Each step below is skipped when the run already records it, so --resume picks up after any of them.
     if "routers" not in fsm.config.training:
         train_routers(fsm, encoded, out, routers_settings, resume=resume, progress=progress)
-        if skip_target is not None:  # whole prompts, as inference will score them
-            calibrate(out, held_out, skip_target, model=fsm)
+    if skip_target is not None and "calibration" not in fsm.config.training:
+        calibrate(out, held_out, skip_target, model=fsm)  # whole prompts, as inference will score them
     if lora and fsm.config.lora is None:
-        first = fsm.config.training.get("calibration")
         train_lora(fsm, encoded, out, lora_settings, merge=merge, resume=resume, progress=progress)
-        if skip_target is not None:  # the adapter moves the routers' inputs: calibrate again
-            fsm.update_config(training={**fsm.config.training, "calibration_before_lora": first})
-            calibrate(out, held_out, skip_target, model=fsm)
+    if lora and skip_target is not None and "calibration_before_lora" not in fsm.config.training:
+        # The adapter moves the routers' inputs a little: calibrate again, keeping the first one.
+        fsm.update_config(training={**fsm.config.training,
+                                    "calibration_before_lora": fsm.config.training["calibration"]})
+        calibrate(out, held_out, skip_target, model=fsm)
     return fsm
 
 
