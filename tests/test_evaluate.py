@@ -80,7 +80,7 @@ def make_run(base: Path, folder: Path, adapter: bool) -> Path:
     with torch.random.fork_rng():
         torch.manual_seed(3)  # routers' first layers are initialised from the global generator
         fsm = FirstSkipModel.from_base(str(base))
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(1)  # with it, toy prompts get 1 or 2 skipped layers
     with torch.no_grad():
         for layer in (1, 2, 3, 4):
             router = fsm.routers.routers[layer]
@@ -90,7 +90,7 @@ def make_run(base: Path, folder: Path, adapter: bool) -> Path:
         lora = get_peft_model(fsm.model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
         with torch.no_grad():
             for name, p in lora.named_parameters():
-                if "lora_B" in name:
+                if "lora_" in name:  # both factors from `gen`: peft draws lora_A from the global generator
                     p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
         lora.save_pretrained(folder / artifacts.ADAPTER_DIR)
         fsm.config = fsm.config.replace(lora={"r": 2, "target_modules": ["q_proj", "v_proj"]})
@@ -107,7 +107,8 @@ def run(tiny_base, tmp_path_factory) -> Path:
 def evaluated(run, data, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("eval")
     results = evaluate_run(run, [str(data["toy"]), str(data["toysum"])], METHODS, limit=None, out_dir=out,
-                           batch_size=3, max_new_tokens=NEW_TOKENS, calibration_items=4, progress=False)
+                           batch_size=3, max_new_tokens=NEW_TOKENS, calibration_items=4, speed_items=3,
+                           progress=False)
     return out, results
 
 
@@ -162,9 +163,11 @@ def test_results_json_markdown_and_plots(evaluated):
     for result in toy["methods"].values():
         score = result["metrics"]["accuracy"]
         assert score["low"] <= score["score"] <= score["high"]
-        assert result["speed"]["ttft_s"] > 0 and result["speed"]["decode_tok_s"] > 0
+        assert result["speed"]["prompts"] == 3 and result["speed"]["ttft_s"] > 0
+        assert result["speed"]["decode_tok_s"] > 0 and result["batched"]["decode_tok_s"] > 0
         assert sum(result["finish"].values()) == toy["items"] == 8
     assert toy["methods"]["full"]["speed"]["decode_speedup"] == 1.0
+    assert toy["methods"]["full"]["batched"]["decode_speedup"] == 1.0
     assert len(toy["layer_keep_rate"]) == results["num_layers"] and toy["layer_keep_rate"][0] == 1.0
     table = (out / "results.md").read_text()
     assert "| method | toy (accuracy) | toysum (rougeL) |" in table and "| shortgpt | " in table
@@ -193,12 +196,13 @@ def test_resume_recomputes_nothing_finished(run, data, tmp_path, monkeypatch):
     generated: list[int] = []
     real = runner.generate_batch
 
-    def counting(fsm, m, prompts, skips, sampling):
+    def counting(fsm, m, prompts, skips, sampling, stop_at_eos=True):
         generated.append(len(prompts))
-        return real(fsm, m, prompts, skips, sampling)
+        return real(fsm, m, prompts, skips, sampling, stop_at_eos)
 
     monkeypatch.setattr(runner, "generate_batch", counting)
-    args = dict(methods="lora-only,first", out_dir=tmp_path, batch_size=2, max_new_tokens=2, progress=False)
+    args = dict(methods="lora-only,first", out_dir=tmp_path, batch_size=2, max_new_tokens=2, speed_items=0,
+                progress=False)
     evaluate_run(run, [str(data["toy"])], limit=4, **args)
     assert sum(generated) == 8
     before = (tmp_path / "predictions" / "toy" / "first.jsonl").read_text()
@@ -223,13 +227,37 @@ def test_an_interrupted_evaluation_resumes_where_it_stopped(run, data, tmp_path,
         return real(*args)
 
     monkeypatch.setattr(runner, "generate_batch", dies_on_third)
-    args = dict(methods="lora-only,first", limit=6, out_dir=tmp_path, batch_size=2, max_new_tokens=2, progress=False)
+    args = dict(methods="lora-only,first", limit=6, out_dir=tmp_path, batch_size=2, max_new_tokens=2, speed_items=0,
+                progress=False)
     with pytest.raises(KeyboardInterrupt):
         evaluate_run(run, [str(data["toy"])], **args)
     monkeypatch.setattr(runner, "generate_batch", real)
     results = evaluate_run(run, [str(data["toy"])], **args)
     lines = (tmp_path / "predictions" / "toy" / "lora-only.jsonl").read_text().splitlines()
-    assert len(lines) == 6 and results["datasets"]["toy"]["methods"]["lora-only"]["speed"]["batches"] == 3
+    assert len(lines) == 6 and results["datasets"]["toy"]["methods"]["lora-only"]["batched"]["batches"] == 3
+
+
+def test_speed_is_timed_one_prompt_at_a_time_to_a_fixed_length_and_resumes(run, data, tmp_path, monkeypatch):
+    real, timed = runner.generate_batch, []
+
+    def recording(fsm, m, prompts, skips, sampling, stop_at_eos=True):
+        gens, timing = real(fsm, m, prompts, skips, sampling, stop_at_eos)
+        if not stop_at_eos:
+            timed.append((m.name, len(prompts), [g.new_tokens for g in gens], timing["decode_row_steps"]))
+        return gens, timing
+
+    monkeypatch.setattr(runner, "generate_batch", recording)
+    args = dict(methods="full,first", limit=4, out_dir=tmp_path, batch_size=4, max_new_tokens=2, progress=False)
+    results = evaluate_run(run, [str(data["toy"])], speed_items=3, **args)
+    tokens = runner.SPEED_TOKENS
+    assert timed == [(m, 1, [tokens], tokens - 1) for _ in range(3) for m in ("full", "first")]  # interleaved
+    first = results["datasets"]["toy"]["methods"]["first"]["speed"]
+    assert first["prompts"] == 3 and first["decode_speedup"] > 0
+    timed.clear()
+    evaluate_run(run, [str(data["toy"])], speed_items=3, **args)
+    assert timed == []  # resumed: nothing timed again
+    evaluate_run(run, [str(data["toy"])], speed_items=4, **args)
+    assert [name for name, *_ in timed] == ["full", "first"]
 
 
 def test_store_keeps_the_last_record_and_checks_its_setting(tmp_path):

@@ -233,6 +233,8 @@ def eval_(
     threshold: ThresholdOpt = None,
     budget: BudgetOpt = None,
     calibration_items: Annotated[int, typer.Option(help="Train items for ShortGPT's block influence.")] = 32,
+    speed_items: Annotated[int, typer.Option(
+        help="Prompts per dataset timed alone (batch 1, 32 new tokens) for decode speed; 0: none.")] = 8,
     threads: ThreadsOpt = None,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
@@ -243,7 +245,7 @@ def eval_(
 
     _set_threads(threads)
     results = evaluate_run(run, data, methods, limit, out, batch_size, max_new_tokens, threshold, budget,
-                           calibration_items, dtype, device)
+                           calibration_items, speed_items, dtype=dtype, device=device)
     typer.echo("\n".join(summary(results)))
     typer.echo(f"wrote {out}/results.md, results.json, pareto.png, layer_usage.png, skip_counts.png")
 

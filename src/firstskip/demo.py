@@ -28,14 +28,15 @@ class DemoSize:
     max_length: int  # tokens per training example
     eval_limit: int  # held-out test items per dataset
     methods: str  # what the evaluation compares
+    speed_items: int  # prompts per dataset timed alone for decode speed
 
 
 SIZES = {
     "quick": DemoSize(train_limit=24, steps=4, batch_size=2, max_length=192, eval_limit=4,
-                      methods="full,first,shortgpt"),
+                      methods="full,first,shortgpt", speed_items=2),
     # Sized to fit about 15 minutes on 2 CPU cores; `firstskip train` defaults train longer.
     "full": DemoSize(train_limit=200, steps=30, batch_size=8, max_length=256, eval_limit=24,
-                     methods="full,lora-only,first,last,shortgpt,uls"),
+                     methods="full,lora-only,first,last,shortgpt,uls", speed_items=4),
 }
 
 
@@ -47,11 +48,12 @@ def run_demo(out: str | os.PathLike = "firstskip-demo", quick: bool = False, pro
     size = SIZES["quick" if quick else "full"]
     out = Path(out)
     run_dir, eval_dir = out / "run", out / "eval"
+    started = (run_dir / "checkpoint").exists() or (run_dir / "config.json").exists()
     train(MODEL, list(DATA), run_dir, skip_target=SKIP_TARGET, lora=True, max_steps=size.steps,
-          limit=size.train_limit, batch_size=size.batch_size, max_length=size.max_length, resume=(run_dir / "checkpoint").exists() or (run_dir / "config.json").exists(),
+          limit=size.train_limit, batch_size=size.batch_size, max_length=size.max_length, resume=started,
           progress=progress)
     results = evaluate_run(run_dir, list(DATA), methods=size.methods, limit=size.eval_limit, out_dir=eval_dir,
-                           progress=progress)
+                           speed_items=size.speed_items, progress=progress)
     write_text(out / "report.md", report(results, run_dir, eval_dir))
     return results
 
@@ -69,9 +71,14 @@ def table(results: dict[str, Any]) -> list[str]:
         lines.append(
             f"| {name} | {metric} | {score('full'):.1f} | {score('first'):.1f} | "
             + (f"{best} {score(best):.1f}" if best else "–")
-            + f" | {first['skip']['skip_ratio']:.2f} | {first['speed']['decode_speedup']:.2f}× |"
+            + f" | {first['skip']['skip_ratio']:.2f} | {speedup(first)} |"
         )
     return lines
+
+
+def speedup(result: dict[str, Any]) -> str:
+    value = result["speed"]["decode_speedup"]
+    return "–" if value is None else f"{value:.2f}×"
 
 
 def report(results: dict[str, Any], run_dir: Path, eval_dir: Path) -> str:

@@ -52,7 +52,7 @@ def markdown(results: dict[str, Any]) -> str:
              f"Base model `{results['base_model']}`, {results['num_layers']} layers (protected: "
              f"{', '.join(map(str, results['protected']))}); FiRST decides by {rule}, prefill {d['prefill']}. "
              f"Greedy decoding. Intervals are 95% bootstrap intervals.", "",
-             f"Speed: {results['timing']}. Threads: {results['environment']['threads']}.", ""]
+             f"Speed ({results['settings']['speed_items']} prompts per dataset): {results['timing']}. Threads: {results['environment']['threads']}.", ""]
     lines += ["## Summary: primary metric [95% interval] / decode speedup vs full", "", *summary(results)]
     for name, ds in results["datasets"].items():
         lines += ["", *_dataset_table(name, ds)]
@@ -82,14 +82,15 @@ def _dataset_table(name: str, ds: dict[str, Any]) -> list[str]:
              f"FiRST skipped {b['first_mean_skipped']:.2f} layers per item on average, so static baselines "
              f"skip k = {b['k']}.", "",
              "| method | k | " + " | ".join(metrics) + " | mean skipped | skip ratio | decode tok/s | "
-             "speedup | TTFT s | TTFT vs full |",
-             "|---" * (len(metrics) + 8) + "|"]
+             "speedup | TTFT s | TTFT vs full | batched speedup |",
+             "|---" * (len(metrics) + 9) + "|"]
     for m, r in ds["methods"].items():
         s, sp = r["skip"], r["speed"]
         k = "" if s["k"] is None else str(s["k"])
         lines.append(f"| {m} | {k} | " + " | ".join(_cell(r["metrics"][x]) for x in metrics) +
                      f" | {s['mean_skipped']:.2f} | {s['skip_ratio']:.3f} | {_num(sp['decode_tok_s'], '.1f')} | "
-                     f"{_num(sp['decode_speedup'], '.2f')} | {sp['ttft_s']:.3f} | {_num(sp['ttft_vs_full'], '.2f')} |")
+                     f"{_num(sp['decode_speedup'], '.2f')} | {_num(sp['ttft_s'], '.3f')} | "
+                     f"{_num(sp['ttft_vs_full'], '.2f')} | {_num(r['batched']['decode_speedup'], '.2f')} |")
     lines += [f"- {m}: not run ({why})" for m, why in ds["not_run"].items()]
     if "first_matches_decisions" in ds:
         lines.append(f"- FiRST's skip sets during generation equal its budget-setting decisions on "

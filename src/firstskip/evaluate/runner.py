@@ -8,7 +8,8 @@ Per dataset, in this order:
    method before the next batch starts, so load from other processes on the machine hits all
    methods alike. Every item is appended to ``predictions/<dataset>/<method>.jsonl`` at once, and a
    restarted evaluation skips what is finished (see `store`).
-3. Scores with 95% bootstrap intervals (`metrics.evaluate_predictions`), and speed (`TIMING`).
+3. Decode speed, each of the first few prompts alone (`time_single_prompts`, `SPEED`).
+4. Scores with 95% bootstrap intervals (`metrics.evaluate_predictions`).
 """
 
 from __future__ import annotations
@@ -43,12 +44,13 @@ TASK_MAX_NEW_TOKENS: dict[str, int] = {"summarization": 64, "translation": 64, "
                                        "yesno": 8, "qa_open": 16, "math": 256}
 CALIBRATION_MAX_TOKENS = 256  # per ShortGPT calibration example (prompt + reference)
 BLOCK_INFLUENCE_NAME = "block_influence.json"
-TIMING = ("measured on the evaluation's own batches (no separate timed pass): time to first token = "
-          "mean wall time of a batch's prefill (all rows get their first token from it); decode tok/s = "
-          "row-steps / decode wall time, one row-step per row per decode forward (rows that already "
-          "stopped still occupy their sub-batch and count); batches are shared by all methods and "
-          "interleaved batch by batch; no warm-up; items resumed from an earlier invocation keep that "
-          "invocation's times")
+SPEED_TOKENS = 32  # new tokens per timed single-prompt run, EOS ignored
+SPEED = ("speed: each of the first `speed_items` prompts alone (batch 1, the edge-device case), "
+         f"{SPEED_TOKENS} new tokens with EOS ignored, methods interleaved prompt by prompt; time to first "
+         "token = prefill wall time (median over prompts); decode tok/s = (new tokens - 1) / decode wall time "
+         "(median); speedup = median over prompts of the method's decode tok/s over the full model's on the "
+         "same prompt. Batched: the evaluation's own batches (rows with different skip sets share a batch, so "
+         "a layer kept by any row runs for its rows): decode row-steps / decode wall time, no warm-up")
 
 
 @dataclass
@@ -197,14 +199,14 @@ def _decode_row_steps(gens: Sequence[Generation]) -> int:
 
 
 def generate_batch(fsm: FirstSkipModel, m: Method, prompts: list[list[int]], skips: list[list[int] | None],
-                   sampling: Sampling) -> tuple[list[Generation], dict[str, float]]:
+                   sampling: Sampling, stop_at_eos: bool = True) -> tuple[list[Generation], dict[str, float]]:
     """One batch of one method, with its prefill and decode phases timed."""
     engine = fsm.engine
     with nullcontext() if m.routed else engine.routers_off():
         start = _now(engine.device)
         pre = engine.prefill(prompts, None if m.routed else skips)
         prefilled = _now(engine.device)
-    gens = engine.decode(pre, sampling, fsm.eos_token_ids)
+    gens = engine.decode(pre, sampling, fsm.eos_token_ids if stop_at_eos else ())
     end = _now(engine.device)
     for g in gens:
         g.text = fsm.decode(g.token_ids)
@@ -225,7 +227,7 @@ def _record(example: Example, g: Generation, setting: dict[str, Any], timing: di
 
 # -- one dataset ----------------------------------------------------------------------------
 
-def _speed(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def _batched(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
     total = {k: sum(r["time"][k] for r in records) for k in ("prefill_s", "decode_s", "decode_row_steps",
                                                              "batch_share")}
     return {"ttft_s": total["prefill_s"] / total["batch_share"],
@@ -234,8 +236,33 @@ def _speed(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "batches": round(total["batch_share"])}
 
 
+def _tok_s(record: dict[str, Any]) -> float:
+    return record["time"]["decode_row_steps"] / record["time"]["decode_s"]
+
+
+def _single(timed: Mapping[str, Sequence[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """Per method: medians over the timed prompts, and the median per-prompt ratio to the full model."""
+    out = {}
+    for name, records in timed.items():
+        if not records:
+            out[name] = {"prompts": 0, "ttft_s": None, "decode_tok_s": None, "decode_speedup": None,
+                         "ttft_vs_full": None}
+            continue
+        full = timed.get("full") or None
+        out[name] = {
+            "prompts": len(records),
+            "ttft_s": statistics.median(r["time"]["prefill_s"] for r in records),
+            "decode_tok_s": statistics.median(_tok_s(r) for r in records),
+            "decode_speedup": None if full is None else
+            statistics.median(_tok_s(r) / _tok_s(f) for r, f in zip(records, full)),
+            "ttft_vs_full": None if full is None else
+            statistics.median(r["time"]["prefill_s"] / f["time"]["prefill_s"] for r, f in zip(records, full)),
+        }
+    return out
+
+
 def _method_result(m: Method, ds: Dataset, records: list[dict[str, Any]], num_layers: int, k: int,
-                   skips: list[list[int] | None]) -> dict[str, Any]:
+                   skips: list[list[int] | None], speed: dict[str, Any]) -> dict[str, Any]:
     choices = [e.choices for e in ds.examples]
     metrics = evaluate_predictions(ds.task, [r["prediction"] for r in records],
                                    [e.references for e in ds.examples],
@@ -247,22 +274,39 @@ def _method_result(m: Method, ds: Dataset, records: list[dict[str, Any]], num_la
         "skip": {"k": "per-example" if m.per_example else k if m.baseline else None,
                  "layers": skips[0] if static else None,
                  "mean_skipped": statistics.fmean(skipped), "skip_ratio": statistics.fmean(skipped) / num_layers},
-        "speed": _speed(records),
+        "speed": speed,
+        "batched": _batched(records),
         "finish": {reason: sum(r["finish"] == reason for r in records) for reason in ("eos", "length", "stop")},
     }
 
 
-def _add_ratios(methods: dict[str, dict[str, Any]]) -> None:
-    full = methods.get("full", {}).get("speed")
+def _add_batched_ratios(methods: dict[str, dict[str, Any]]) -> None:
+    full = methods.get("full", {}).get("batched")
     for result in methods.values():
-        speed = result["speed"]
+        speed = result["batched"]
         ok = full is not None and full["decode_tok_s"] and speed["decode_tok_s"]
         speed["decode_speedup"] = speed["decode_tok_s"] / full["decode_tok_s"] if ok else None
-        speed["ttft_vs_full"] = speed["ttft_s"] / full["ttft_s"] if full is not None else None
+
+
+def time_single_prompts(models: Models, ds: Dataset, methods: Sequence[Method], prompts: list[list[int]],
+                        skips: Mapping[str, list[list[int] | None]], settings: Mapping[str, list[dict[str, Any]]],
+                        folder: Path, items: int, progress: bool) -> dict[str, list[dict[str, Any]]]:
+    """Decode speed one prompt at a time: per-input skip sets pay off at batch 1, where every
+    skipped layer is a layer not read from memory (see ``SPEED``). Resumable like the predictions."""
+    stores = {m.name: PredictionStore(folder / "speed" / f"{m.name}.jsonl") for m in methods}
+    rows = range(min(items, len(prompts)))
+    setting = {m.name: [{**settings[m.name][i], "speed_tokens": SPEED_TOKENS} for i in rows] for m in methods}
+    sampling = Sampling(max_new_tokens=SPEED_TOKENS)
+    jobs = [(i, m) for i in rows for m in methods  # interleaved: machine noise hits every method alike
+            if not stores[m.name].finished(ds.examples[i].id, setting[m.name][i])]
+    for i, m in tqdm(jobs, desc=f"{ds.name}: time", unit="run", disable=not progress or not jobs):
+        _, timing = generate_batch(models.of(m), m, [prompts[i]], [skips[m.name][i]], sampling, stop_at_eos=False)
+        stores[m.name].append([{"id": ds.examples[i].id, "setting": setting[m.name][i], "time": timing}])
+    return {m.name: [stores[m.name].records[ds.examples[i].id] for i in rows] for m in methods}
 
 
 def evaluate_dataset(models: Models, ds: Dataset, methods: Sequence[Method], run: Path, out: Path,
-                     batch_size: int, max_new_tokens: int, calibration_items: int,
+                     batch_size: int, max_new_tokens: int, calibration_items: int, speed_items: int = 8,
                      progress: bool = True) -> dict[str, Any]:
     """Every method on one dataset; resumes from ``out/predictions/<dataset>/``."""
     first = models.tuned
@@ -306,9 +350,11 @@ def evaluate_dataset(models: Models, ds: Dataset, methods: Sequence[Method], run
                                       for i, g in zip(rows, gens))
                 bar.update(len(rows))
 
+    speed = _single(time_single_prompts(models, ds, runnable, prompts, skips, settings, folder, speed_items,
+                                        progress))
     results = {m.name: _method_result(m, ds, [stores[m.name].records[e.id] for e in ds.examples],
-                                      config.num_layers, k, skips[m.name]) for m in runnable}
-    _add_ratios(results)
+                                      config.num_layers, k, skips[m.name], speed[m.name]) for m in runnable}
+    _add_batched_ratios(results)
     keep = [sum(layer not in d["skipped"] for d in decided) / len(decided) for layer in range(config.num_layers)]
     out_ds: dict[str, Any] = {
         "data": ds.spec, "task": ds.task, "items": len(ds.examples), "primary_metric": primary_metric(ds.task),
@@ -352,8 +398,8 @@ def _max_new(task: str, max_new_tokens: int | Mapping[str, int] | None) -> int:
 def evaluate_run(run: str | os.PathLike, data_specs: Sequence[str], methods: str | Sequence[str] | None = None,
                  limit: int | None = None, out_dir: str | os.PathLike = "eval", batch_size: int = 8,
                  max_new_tokens: int | Mapping[str, int] | None = None, threshold: float | None = None,
-                 budget: float | None = None, calibration_items: int = 32, dtype: str = "float32",
-                 device: str = "cpu", progress: bool = True) -> dict[str, Any]:
+                 budget: float | None = None, calibration_items: int = 32, speed_items: int = 8,
+                 dtype: str = "float32", device: str = "cpu", progress: bool = True) -> dict[str, Any]:
     """Evaluate a run on datasets against the full model, LoRA-only and static baselines; write a report.
 
     Writes ``out_dir/results.json``, ``results.md``, ``pareto.png``, ``layer_usage.png`` and
@@ -371,6 +417,7 @@ def evaluate_run(run: str | os.PathLike, data_specs: Sequence[str], methods: str
         threshold: FiRST's keep threshold, instead of the run's.
         budget: FiRST skips this fraction of layers (lowest keep-probabilities) instead.
         calibration_items: train items for ShortGPT's block influence.
+        speed_items: prompts per dataset timed alone (batch 1) for decode speed; 0: none.
         dtype: model dtype.
         device: cpu, cuda ...
         progress: show progress bars.
@@ -384,6 +431,8 @@ def evaluate_run(run: str | os.PathLike, data_specs: Sequence[str], methods: str
     names = [ds.name for ds in datasets]
     if len(set(names)) < len(names):
         raise FirstSkipError(f"datasets {names} share a name; predictions would collide")
+    if speed_items < 0:
+        raise FirstSkipError(f"speed items must be 0 or more, got {speed_items}")
     if calibration_items < 1:
         raise FirstSkipError(f"calibration items must be at least 1, got {calibration_items}")
     _claim(out, run)
@@ -393,10 +442,10 @@ def evaluate_run(run: str | os.PathLike, data_specs: Sequence[str], methods: str
         "num_layers": models.tuned.config.num_layers, "protected": models.tuned.config.protected,
         "decision": decision_of(models.tuned), "has_adapter": models.has_adapter,
         "settings": {"methods": [m.name for m in chosen], "limit": limit, "batch_size": batch_size,
-                     "calibration_items": calibration_items, "dtype": dtype, "device": device,
+                     "calibration_items": calibration_items, "speed_items": speed_items, "dtype": dtype, "device": device,
                      "uls_variants": {"uls": "evenly spaced keep set (method doc)",
                                       "uls-released": "released code: interval = int(L / (n - 1))"}},
-        "timing": TIMING,
+        "timing": SPEED,
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                         "machine": platform.machine(), "cpus": os.cpu_count()},
         "datasets": {},
@@ -404,7 +453,7 @@ def evaluate_run(run: str | os.PathLike, data_specs: Sequence[str], methods: str
     for ds in datasets:
         results["datasets"][ds.name] = evaluate_dataset(models, ds, chosen, run, out, batch_size,
                                                         _max_new(ds.task, max_new_tokens), calibration_items,
-                                                        progress)
+                                                        speed_items, progress)
         report.write_report(results, out)
     return results
 
