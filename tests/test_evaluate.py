@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from firstskip import artifacts
 from firstskip.baselines import BaselineContext, equal_budget_k, static_skip_set
-from firstskip.engine import Generation
+from firstskip.engine import Generation, Sampling
 from firstskip.errors import FirstSkipError
 from firstskip.evaluate import evaluate_run, inspect_run, method_names, parse_methods, runner
 from firstskip.evaluate.store import PredictionStore
@@ -194,13 +194,13 @@ def test_a_run_without_lora_skips_the_lora_methods(tiny_base, data, tmp_path):
 
 def test_resume_recomputes_nothing_finished(run, data, tmp_path, monkeypatch):
     generated: list[int] = []
-    real = runner.generate_batch
+    real = runner.decode_batch
 
-    def counting(fsm, m, prompts, skips, sampling, stop_at_eos=True):
-        generated.append(len(prompts))
-        return real(fsm, m, prompts, skips, sampling, stop_at_eos)
+    def counting(fsm, pre, *args, **kwargs):
+        generated.append(pre.skip.shape[0])
+        return real(fsm, pre, *args, **kwargs)
 
-    monkeypatch.setattr(runner, "generate_batch", counting)
+    monkeypatch.setattr(runner, "decode_batch", counting)
     args = dict(methods="lora-only,first", out_dir=tmp_path, batch_size=2, max_new_tokens=2, speed_items=0,
                 progress=False)
     evaluate_run(run, [str(data["toy"])], limit=4, **args)
@@ -218,23 +218,39 @@ def test_resume_recomputes_nothing_finished(run, data, tmp_path, monkeypatch):
 
 
 def test_an_interrupted_evaluation_resumes_where_it_stopped(run, data, tmp_path, monkeypatch):
-    real, calls = runner.generate_batch, []
+    real, calls = runner.decode_batch, []
 
-    def dies_on_third(*args):
+    def dies_on_third(*args, **kwargs):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real(*args)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(runner, "generate_batch", dies_on_third)
+    monkeypatch.setattr(runner, "decode_batch", dies_on_third)
     args = dict(methods="lora-only,first", limit=6, out_dir=tmp_path, batch_size=2, max_new_tokens=2, speed_items=0,
                 progress=False)
     with pytest.raises(KeyboardInterrupt):
         evaluate_run(run, [str(data["toy"])], **args)
-    monkeypatch.setattr(runner, "generate_batch", real)
+    monkeypatch.setattr(runner, "decode_batch", real)
     results = evaluate_run(run, [str(data["toy"])], **args)
     lines = (tmp_path / "predictions" / "toy" / "lora-only.jsonl").read_text().splitlines()
     assert len(lines) == 6 and results["datasets"]["toy"]["methods"]["lora-only"]["batched"]["batches"] == 3
+
+
+def test_methods_sharing_a_prefill_generate_what_each_generates_alone(run, data):
+    models = runner.load_models(run, parse_methods("full,first-nolora,random,uls"))
+    fsm = models.base
+    prompts = [fsm.encode(f"Review: {s}\nPositive or negative?") for s in SENTENCES[:3]]
+    methods = parse_methods("full,first-nolora,random,uls")
+    skips = {"full": [[]] * 3, "first-nolora": [None] * 3, "random": [[1, 3]] * 3, "uls": [[2], [1, 4], []]}
+    sampling = Sampling(max_new_tokens=6)
+    shared = runner.generate_methods(fsm, methods, prompts, skips, sampling)
+    for m in methods:
+        alone, _ = runner.generate_batch(fsm, m, prompts, skips[m.name], sampling)
+        together, _ = shared[m.name]
+        assert [g.token_ids for g in together] == [g.token_ids for g in alone], m.name
+        assert [g.skipped_layers for g in together] == [g.skipped_layers for g in alone], m.name
+    assert shared["uls"][0][1].skipped_layers == [1, 4]
 
 
 def test_speed_is_timed_one_prompt_at_a_time_to_a_fixed_length_and_resumes(run, data, tmp_path, monkeypatch):

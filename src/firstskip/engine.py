@@ -106,7 +106,7 @@ class Engine:
         """Run the prompts, let routers (or a forced skip set per row) fix each row's skip set."""
         ids, mask = self._left_pad(prompts)
         positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
-        forced = self._forced_skip(skip, len(prompts))
+        forced = self.forced_skip(skip, len(prompts))
         cache = SkipCache(self.model.config)
         ctl = self.controller
         with ctl.mode_ctx("prefill", prompt_mask=mask, skip=forced):
@@ -128,7 +128,7 @@ class Engine:
             return torch.zeros(batch, self.config.num_layers, dtype=torch.bool, device=self.device)
         return decide(probs, self.config)
 
-    def _forced_skip(self, skip: Sequence[Sequence[int]] | None, batch: int) -> torch.Tensor | None:
+    def forced_skip(self, skip: Sequence[Sequence[int]] | None, batch: int) -> torch.Tensor | None:
         if skip is None:
             return None
         if len(skip) != batch:
