@@ -23,7 +23,8 @@ SKIP_TARGET = 0.25
 @dataclass(frozen=True)
 class DemoSize:
     train_limit: int  # training examples per dataset
-    steps: int  # optimizer steps per phase (routers, then LoRA)
+    steps: int  # router optimizer steps
+    lora_steps: int  # LoRA optimizer steps
     batch_size: int  # training examples per step
     max_length: int  # tokens per training example
     eval_limit: int  # held-out test items per dataset
@@ -32,10 +33,10 @@ class DemoSize:
 
 
 SIZES = {
-    "quick": DemoSize(train_limit=24, steps=4, batch_size=2, max_length=192, eval_limit=4,
+    "quick": DemoSize(train_limit=24, steps=4, lora_steps=4, batch_size=2, max_length=192, eval_limit=4,
                       methods="full,first,shortgpt", speed_items=2),
-    # Sized to fit about 15 minutes on 2 CPU cores; `firstskip train` defaults train longer.
-    "full": DemoSize(train_limit=200, steps=30, batch_size=8, max_length=256, eval_limit=24,
+    # Sized to fit 15 minutes on 2 CPU cores (measured: docs/results.md); `firstskip train` defaults train longer.
+    "full": DemoSize(train_limit=200, steps=30, lora_steps=30, batch_size=8, max_length=256, eval_limit=24,
                      methods="full,lora-only,first,last,shortgpt,uls", speed_items=4),
 }
 
@@ -50,8 +51,8 @@ def run_demo(out: str | os.PathLike = "firstskip-demo", quick: bool = False, pro
     run_dir, eval_dir = out / "run", out / "eval"
     started = (run_dir / "checkpoint").exists() or (run_dir / "config.json").exists()
     train(MODEL, list(DATA), run_dir, skip_target=SKIP_TARGET, lora=True, max_steps=size.steps,
-          limit=size.train_limit, batch_size=size.batch_size, max_length=size.max_length, resume=started,
-          progress=progress)
+          lora_steps=size.lora_steps, limit=size.train_limit, batch_size=size.batch_size,
+          max_length=size.max_length, resume=started, progress=progress)
     results = evaluate_run(run_dir, list(DATA), methods=size.methods, limit=size.eval_limit, out_dir=eval_dir,
                            speed_items=size.speed_items, progress=progress)
     write_text(out / "report.md", report(results, run_dir, eval_dir))
