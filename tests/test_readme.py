@@ -22,7 +22,7 @@ FAST = {
     "generate": ["--max-new-tokens", "8"],
     "train": ["--max-steps", "1", "--limit", "8", "--max-length", "96", "--batch-size", "2", "--holdout", "4"],
     "calibrate": ["--limit", "6"],
-    "eval": ["--limit", "2", "--max-new-tokens", "8"],
+    "eval": ["--limit", "2", "--max-new-tokens", "8", "--speed-items", "1"],
     "inspect": ["--limit", "4"],
     "demo": ["--quick"],
 }
