@@ -1,9 +1,9 @@
 """What a trained run skips, per dataset, on test prompts; and what it costs in teacher-forced loss.
 
-Reproduce (the numbers in docs/training.md):
-    python benchmarks/skip_sets.py --run runs/smollm2-mix --data ../shared/data/samsum \
-        --data ../shared/data/xsum --data ../shared/data/boolq --limit 100 --loss-items 32 \
-        --threads 1 --out benchmarks/results/skip_sets_smollm2-mix.json
+Reproduce (the numbers in docs/training.md; runs/mix25 is trained by benchmarks/issue4_smollm2.sh):
+    python benchmarks/skip_sets.py --run runs/mix25 --data ../shared/data/samsum --data ../shared/data/xsum \
+        --data ../shared/data/boolq --data ../shared/data/sst2 --limit 100 --loss-items 16 \
+        --out benchmarks/results/skip_sets_mix25.json --plot docs/img/layer_usage_mix25.png
 
 Per dataset (the first --limit test items, whole prompts as inference sees them): the mean skip
 ratio at the run's threshold and at 0.5, the mean keep-probability, how often each layer is skipped,
@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from firstskip.data import encode_example, encode_prompt, load_examples
+from firstskip.evaluate.report import plot_layer_usage
 from firstskip.modeling import FirstSkipModel
 from firstskip.routers import decide
 from firstskip.train.calibrate import keep_probs, response_loss
@@ -37,6 +38,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=1024)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--out")
+    parser.add_argument("--plot", help="also draw the layer-usage heatmap (datasets x layers) here (.png)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -61,6 +63,14 @@ def main() -> None:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    if args.plot:
+        plot(report, fsm.config.protected, Path(args.plot))
+
+
+def plot(report: dict, protected: list[int], path: Path) -> None:
+    """The heatmap `firstskip inspect` draws, from this report's per-layer skip rates."""
+    plot_layer_usage({name: [1 - r for r in d["layer_skip_rate"]] for name, d in report["datasets"].items()},
+                     protected, path)
 
 
 def jaccard_distance(a: set[int], b: set[int]) -> float:
