@@ -276,6 +276,20 @@ def test_speed_is_timed_one_prompt_at_a_time_to_a_fixed_length_and_resumes(run, 
     assert [name for name, *_ in timed] == ["full", "first"]
 
 
+def test_batched_throughput_counts_every_row_until_its_batch_ends():
+    """Rows of a batch decode together, so a row that stopped early still occupies every step."""
+    gens = [Generation([1, 2], [], None, 4, finish_reason="eos"), Generation([1, 2, 3, 4, 5], [3], None, 4)]
+    assert runner._decode_row_steps(gens) == 2 * (5 - 1)
+    def record(new: int, finish: str, rows: int) -> dict:  # this row's share of its batch's times
+        return {"new_tokens": new, "finish": finish,
+                "time": {"prefill_s": 1.0 / rows, "decode_s": 2.0 / rows, "batch_share": 1 / rows}}
+
+    records = [record(2, "eos", 2), record(5, "length", 2), record(7, "length", 1)]
+    batched = runner._batched(records, [[0, 1], [2]])
+    assert batched["decode_tok_s"] == (2 * (5 - 1) + 1 * (7 - 1)) / 4.0
+    assert batched["batches"] == 2 and batched["ttft_s"] == 1.0
+
+
 def test_store_keeps_the_last_record_and_checks_its_setting(tmp_path):
     store = PredictionStore(tmp_path / "m.jsonl")
     store.append([{"id": "a", "setting": {"skip": [1]}}, {"id": "a", "setting": {"skip": [2]}}])

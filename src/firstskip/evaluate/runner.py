@@ -189,14 +189,14 @@ def _now(device: torch.device) -> float:
     return time.perf_counter()
 
 
+def _yielded(new_tokens: int, finish: str) -> int:
+    """Tokens the decode loop produced for a row: an EOS is sampled but not kept."""
+    return new_tokens + (finish == "eos")
+
+
 def _decode_row_steps(gens: Sequence[Generation]) -> int:
-    """Row-steps the decode loop ran: each skip-set group steps until its longest row ends."""
-    groups: dict[tuple[int, ...], tuple[int, int]] = {}
-    for g in gens:
-        yielded = g.new_tokens + (g.finish_reason == "eos")  # an EOS is sampled but not kept
-        rows, longest = groups.get(tuple(g.skipped_layers), (0, 0))
-        groups[tuple(g.skipped_layers)] = (rows + 1, max(longest, yielded))
-    return sum(rows * (longest - 1) for rows, longest in groups.values())  # the first token is prefill's
+    """Row-steps the decode loop ran: every row steps until the batch's longest row ends."""
+    return len(gens) * (max(_yielded(g.new_tokens, g.finish_reason) for g in gens) - 1)  # first token: prefill's
 
 
 def generate_batch(fsm: FirstSkipModel, m: Method, prompts: list[list[int]], skips: list[list[int] | None],
@@ -259,11 +259,13 @@ def _record(example: Example, g: Generation, setting: dict[str, Any], timing: di
 
 # -- one dataset ----------------------------------------------------------------------------
 
-def _batched(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    total = {k: sum(r["time"][k] for r in records) for k in ("prefill_s", "decode_s", "decode_row_steps",
-                                                             "batch_share")}
+def _batched(records: Sequence[dict[str, Any]], batches: Sequence[Sequence[int]]) -> dict[str, Any]:
+    """Throughput over the evaluation's batches; row-steps are counted from the records, per batch."""
+    total = {k: sum(r["time"][k] for r in records) for k in ("prefill_s", "decode_s", "batch_share")}
+    steps = sum(len(b) * (max(_yielded(records[i]["new_tokens"], records[i]["finish"]) for i in b) - 1)
+                for b in batches)
     return {"ttft_s": total["prefill_s"] / total["batch_share"],
-            "decode_tok_s": total["decode_row_steps"] / total["decode_s"] if total["decode_s"] > 0 else None,
+            "decode_tok_s": steps / total["decode_s"] if total["decode_s"] > 0 else None,
             "prefill_s_total": total["prefill_s"], "decode_s_total": total["decode_s"],
             "batches": round(total["batch_share"])}
 
@@ -293,8 +295,8 @@ def _single(timed: Mapping[str, Sequence[dict[str, Any]]]) -> dict[str, dict[str
     return out
 
 
-def _method_result(m: Method, ds: Dataset, records: list[dict[str, Any]], num_layers: int, k: int,
-                   skips: list[list[int] | None], speed: dict[str, Any]) -> dict[str, Any]:
+def _method_result(m: Method, ds: Dataset, records: list[dict[str, Any]], batches: list[list[int]], num_layers: int,
+                   k: int, skips: list[list[int] | None], speed: dict[str, Any]) -> dict[str, Any]:
     choices = [e.choices for e in ds.examples]
     metrics = evaluate_predictions(ds.task, [r["prediction"] for r in records],
                                    [e.references for e in ds.examples],
@@ -307,7 +309,7 @@ def _method_result(m: Method, ds: Dataset, records: list[dict[str, Any]], num_la
                  "layers": skips[0] if static else None,
                  "mean_skipped": statistics.fmean(skipped), "skip_ratio": statistics.fmean(skipped) / num_layers},
         "speed": speed,
-        "batched": _batched(records),
+        "batched": _batched(records, batches),
         "finish": {reason: sum(r["finish"] == reason for r in records) for reason in ("eos", "length", "stop")},
     }
 
@@ -388,7 +390,7 @@ def evaluate_dataset(models: Models, ds: Dataset, methods: Sequence[Method], run
 
     speed = _single(time_single_prompts(models, ds, runnable, prompts, skips, settings, folder, speed_items,
                                         progress))
-    results = {m.name: _method_result(m, ds, [stores[m.name].records[e.id] for e in ds.examples],
+    results = {m.name: _method_result(m, ds, [stores[m.name].records[e.id] for e in ds.examples], batches,
                                       config.num_layers, k, skips[m.name], speed[m.name]) for m in runnable}
     _add_batched_ratios(results)
     keep = [sum(layer not in d["skipped"] for d in decided) / len(decided) for layer in range(config.num_layers)]
