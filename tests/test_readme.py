@@ -61,6 +61,10 @@ def test_every_readme_command_runs(tmp_path):
     for argv in commands:
         out = run(argv, tmp_path)
         assert out.returncode == 0, f"firstskip {' '.join(argv)} failed:\n{out.stderr[-3000:]}"
+        if argv[0] == "demo":  # the table it prints is the one in the report it wrote
+            table = [line for line in out.stdout.splitlines() if line.startswith("|")]
+            report = (tmp_path / "firstskip-demo" / "report.md").read_text().splitlines()
+            assert len(table) >= 3 and all(line in report for line in table)
 
 
 def test_readme_python_example_runs(tmp_path, monkeypatch):
