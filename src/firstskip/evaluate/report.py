@@ -52,7 +52,8 @@ def markdown(results: dict[str, Any]) -> str:
              f"Base model `{results['base_model']}`, {results['num_layers']} layers (protected: "
              f"{', '.join(map(str, results['protected']))}); FiRST decides by {rule}, prefill {d['prefill']}. "
              f"Greedy decoding. Intervals are 95% bootstrap intervals.", "",
-             f"Speed ({results['settings']['speed_items']} prompts per dataset): {results['timing']}. Threads: {results['environment']['threads']}.", ""]
+             f"Speed ({results['settings']['speed_items']} prompts per dataset): {results['timing']}. "
+             f"Threads: {results['environment']['threads']}.", ""]
     lines += ["## Summary: primary metric [95% interval] / decode speedup vs full", "", *summary(results)]
     for name, ds in results["datasets"].items():
         lines += ["", *_dataset_table(name, ds)]
