@@ -30,14 +30,17 @@ class DemoSize:
     eval_limit: int  # held-out test items per dataset
     methods: str  # what the evaluation compares
     speed_items: int  # prompts per dataset timed alone for decode speed
+    holdout: int  # training examples per dataset held out to calibrate the threshold
+    calibration_items: int  # train items per dataset for ShortGPT's block influence
 
 
 SIZES = {
     "quick": DemoSize(train_limit=24, steps=4, lora_steps=4, batch_size=2, max_length=192, eval_limit=4,
-                      methods="full,first,shortgpt", speed_items=2),
+                      methods="full,first,shortgpt", speed_items=2, holdout=8, calibration_items=8),
     # Sized to fit 15 minutes on 2 CPU cores (measured: docs/results.md); `firstskip train` defaults train longer.
     "full": DemoSize(train_limit=200, steps=30, lora_steps=30, batch_size=8, max_length=256, eval_limit=24,
-                     methods="full,lora-only,first,last,shortgpt,uls", speed_items=4),
+                     methods="full,lora-only,first,last,shortgpt,uls", speed_items=4, holdout=32,
+                     calibration_items=32),
 }
 
 
@@ -52,9 +55,10 @@ def run_demo(out: str | os.PathLike = "firstskip-demo", quick: bool = False, pro
     started = (run_dir / "checkpoint").exists() or (run_dir / "config.json").exists()
     train(MODEL, list(DATA), run_dir, skip_target=SKIP_TARGET, lora=True, max_steps=size.steps,
           lora_steps=size.lora_steps, limit=size.train_limit, batch_size=size.batch_size,
-          max_length=size.max_length, resume=started, progress=progress)
+          max_length=size.max_length, holdout=size.holdout, resume=started, progress=progress)
     results = evaluate_run(run_dir, list(DATA), methods=size.methods, limit=size.eval_limit, out_dir=eval_dir,
-                           speed_items=size.speed_items, progress=progress)
+                           speed_items=size.speed_items, calibration_items=size.calibration_items,
+                           progress=progress)
     write_text(out / "report.md", report(results, run_dir, eval_dir))
     return results
 
