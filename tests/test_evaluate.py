@@ -278,8 +278,6 @@ def test_speed_is_timed_one_prompt_at_a_time_to_a_fixed_length_and_resumes(run, 
 
 def test_batched_throughput_counts_every_row_until_its_batch_ends():
     """Rows of a batch decode together, so a row that stopped early still occupies every step."""
-    gens = [Generation([1, 2], [], None, 4, finish_reason="eos"), Generation([1, 2, 3, 4, 5], [3], None, 4)]
-    assert runner._decode_row_steps(gens) == 2 * (5 - 1)
     def record(new: int, finish: str, rows: int) -> dict:  # this row's share of its batch's times
         return {"new_tokens": new, "finish": finish,
                 "time": {"prefill_s": 1.0 / rows, "decode_s": 2.0 / rows, "batch_share": 1 / rows}}
@@ -298,12 +296,13 @@ def test_store_keeps_the_last_record_and_checks_its_setting(tmp_path):
     assert not reread.finished("b", {"skip": [2]})
 
 
-def test_row_steps_count_each_skip_set_groups_longest_row():
+def test_row_steps_count_every_row_until_the_longest_ends():
     def gen(n: int, skip: list[int], reason: str) -> Generation:
         return Generation(list(range(n)), skip, None, 5, reason)
 
-    # group [] runs 4 yields (3 kept + an EOS) -> 3 forwards x 2 rows; group [2] runs 5 -> 4 x 1
-    assert runner._decode_row_steps([gen(3, [], "eos"), gen(1, [], "eos"), gen(5, [2], "length")]) == 10
+    # rows with different skip sets decode together: the longest row yields 5 -> 4 forwards x 3 rows
+    assert runner._decode_row_steps([gen(3, [], "eos"), gen(1, [], "eos"), gen(5, [2], "length")]) == 12
+    assert runner._decode_row_steps([gen(3, [], "eos"), gen(1, [], "eos")]) == 2 * (4 - 1)  # EOS: sampled, not kept
 
 
 def test_length_batches_sort_longest_first():
