@@ -196,9 +196,13 @@ def _yielded(new_tokens: int, finish: str) -> int:
     return new_tokens + (finish == "eos")
 
 
+def _row_steps(yielded: Sequence[int]) -> int:
+    """Row-steps the decode loop ran for one batch: every row steps until the longest row ends."""
+    return len(yielded) * (max(yielded) - 1)  # the first token is prefill's
+
+
 def _decode_row_steps(gens: Sequence[Generation]) -> int:
-    """Row-steps the decode loop ran: every row steps until the batch's longest row ends."""
-    return len(gens) * (max(_yielded(g.new_tokens, g.finish_reason) for g in gens) - 1)  # first token: prefill's
+    return _row_steps([_yielded(g.new_tokens, g.finish_reason) for g in gens])
 
 
 def generate_batch(fsm: FirstSkipModel, m: Method, prompts: list[list[int]], skips: list[list[int] | None],
@@ -264,8 +268,7 @@ def _record(example: Example, g: Generation, setting: dict[str, Any], timing: di
 def _batched(records: Sequence[dict[str, Any]], batches: Sequence[Sequence[int]]) -> dict[str, Any]:
     """Throughput over the evaluation's batches; row-steps are counted from the records, per batch."""
     total = {k: sum(r["time"][k] for r in records) for k in ("prefill_s", "decode_s", "batch_share")}
-    steps = sum(len(b) * (max(_yielded(records[i]["new_tokens"], records[i]["finish"]) for i in b) - 1)
-                for b in batches)
+    steps = sum(_row_steps([_yielded(records[i]["new_tokens"], records[i]["finish"]) for i in b]) for b in batches)
     return {"ttft_s": total["prefill_s"] / total["batch_share"],
             "decode_tok_s": steps / total["decode_s"] if total["decode_s"] > 0 else None,
             "prefill_s_total": total["prefill_s"], "decode_s_total": total["decode_s"],
