@@ -266,14 +266,15 @@ def test_speed_is_timed_one_prompt_at_a_time_to_a_fixed_length_and_resumes(run, 
     args = dict(methods="full,first", limit=4, out_dir=tmp_path, batch_size=4, max_new_tokens=2, progress=False)
     results = evaluate_run(run, [str(data["toy"])], speed_items=3, **args)
     tokens = runner.SPEED_TOKENS
-    assert timed == [(m, 1, [tokens], tokens - 1) for _ in range(3) for m in ("full", "first")]  # interleaved
+    warm_up = [("full", 1, [tokens], tokens - 1)]  # untimed, before the timed runs
+    assert timed == warm_up + [(m, 1, [tokens], tokens - 1) for _ in range(3) for m in ("full", "first")]  # interleaved
     first = results["datasets"]["toy"]["methods"]["first"]["speed"]
     assert first["prompts"] == 3 and first["decode_speedup"] > 0
     timed.clear()
     evaluate_run(run, [str(data["toy"])], speed_items=3, **args)
     assert timed == []  # resumed: nothing timed again
     evaluate_run(run, [str(data["toy"])], speed_items=4, **args)
-    assert [name for name, *_ in timed] == ["full", "first"]
+    assert [name for name, *_ in timed] == ["full", "full", "first"]  # a warm-up, then the new prompt
 
 
 def test_batched_throughput_counts_every_row_until_its_batch_ends():
