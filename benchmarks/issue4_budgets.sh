@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # FiRST against its strongest static rival at skip targets 0.15 and 0.35 (docs/results.md): the
 # 0.25 run's routers and LoRA, with the threshold recalibrated on the training held-out prompts
-# for each target (a copy of the run per target), then full, first and the rival on BoolQ, SST-2 and SAMSum (XSum left out for time).
+# for each target (a copy of the run per target), then full, first and the rival on BoolQ, SST-2 (100 items),
+# SAMSum and XSum (50).
 # Usage: bash benchmarks/issue4_budgets.sh [RUN] [OUT] [RIVAL]
 set -euo pipefail
 RUN=${1:-runs/mix25}
@@ -15,5 +16,5 @@ for t in 0.15 0.35; do
   fi
   firstskip calibrate --run "$R" --data $D/samsum --data $D/xsum --data $D/boolq --skip-target $t
   firstskip eval -r "$R" -d $D/boolq -d $D/sst2 --limit 100 --methods full,first,$RIVAL --out "$OUT-t$t-cls"
-  firstskip eval -r "$R" -d $D/samsum --limit 50 --methods full,first,$RIVAL --out "$OUT-t$t-sum"
+  firstskip eval -r "$R" -d $D/samsum -d $D/xsum --limit 50 --methods full,first,$RIVAL --out "$OUT-t$t-sum"
 done

@@ -1,14 +1,12 @@
 #!/usr/bin/env bash
 # The translation half of docs/results.md: qwen2.5-coder-0.5b trained on iwslt2017 de-en at skip
 # target 0.25 (a shorter schedule than the default: 40 router steps, 20 LoRA steps), then every method.
-# Usage: bash benchmarks/issue4_qwen.sh [RUN] [OUT]   (skips training when RUN exists)
+# Usage: bash benchmarks/issue4_qwen.sh [RUN] [OUT]   (a finished RUN is reused: --resume skips its finished phases)
 set -euo pipefail
 RUN=${1:-runs/qwen-iwslt25}
 OUT=${2:-out/eval/qwen-iwslt25}
 D=../shared/data
-if [ ! -f "$RUN/config.json" ]; then
-  /usr/bin/time -v firstskip train -m qwen2.5-coder-0.5b --data $D/iwslt2017_de_en --out "$RUN" \
-    --skip-target 0.25 --lora --merge --max-steps 40 --lora-steps 20
-fi
+/usr/bin/time -v firstskip train -m qwen2.5-coder-0.5b --data $D/iwslt2017_de_en --out "$RUN" --resume \
+  --skip-target 0.25 --lora --merge --max-steps 40 --lora-steps 20
 firstskip eval -r "$RUN" -d $D/iwslt2017_de_en --limit 50 --speed-items 4 \
   --methods full,lora-only,first,first-nolora,random,last,shortgpt,uls --out "$OUT"
