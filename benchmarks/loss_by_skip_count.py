@@ -1,0 +1,55 @@
+"""Where FiRST loses quality: per-item score differences grouped by how many layers FiRST skipped.
+
+Reads the predictions an evaluation already wrote (no model is run). Reproduce the SAMSum analysis
+in docs/training.md (out/eval/l60 is written by the command there):
+    python benchmarks/loss_by_skip_count.py --eval out/eval/l60 --data ../shared/data/samsum --limit 100
+
+For each group of items (by FiRST's skip count, in bins of --bin layers): how many items, the mean
+per-item score of --method minus --against, and that group's share of the whole gap (its summed
+difference over all items). Per-item scores are firstskip.metrics.score_items' (sentence-level).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+from firstskip.evaluate.runner import load_dataset
+from firstskip.evaluate.store import PredictionStore
+from firstskip.metrics import primary_metric, score_items
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--eval", required=True, help="an evaluation's --out folder")
+    ap.add_argument("--data", required=True, help="the dataset, as given to firstskip eval")
+    ap.add_argument("--limit", type=int, default=100)
+    ap.add_argument("--method", default="first")
+    ap.add_argument("--against", default="lora-only")
+    ap.add_argument("--bin", type=int, default=3, help="layers per group")
+    args = ap.parse_args()
+    ds = load_dataset(args.data, args.limit)
+    metric = primary_metric(ds.task)
+    refs = [e.references for e in ds.examples]
+    records = {}
+    for name in (args.method, args.against):
+        store = PredictionStore(f"{args.eval}/predictions/{ds.name}/{name}.jsonl").records
+        records[name] = [store[e.id] for e in ds.examples]
+    scores = {name: score_items(ds.task, [r["prediction"] for r in rs], refs, [e.choices for e in ds.examples])[metric]
+              for name, rs in records.items()}
+    groups: dict[int, list[float]] = {}
+    for r, a, b in zip(records[args.method], scores[args.method], scores[args.against]):
+        groups.setdefault(len(r["skipped"]) // args.bin, []).append(a - b)
+    n = len(ds.examples)
+    print(f"{ds.name}, {n} items, {metric}: {args.method} {statistics.fmean(scores[args.method]):.1f}, "
+          f"{args.against} {statistics.fmean(scores[args.against]):.1f}")
+    print(f"| layers skipped by {args.method} | items | mean difference | contribution to the mean |")
+    print("|---|---|---|---|")
+    for g in sorted(groups):
+        d = groups[g]
+        print(f"| {g * args.bin}-{g * args.bin + args.bin - 1} | {len(d)} | {statistics.fmean(d):+.1f} | "
+              f"{sum(d) / n:+.2f} |")
+
+
+if __name__ == "__main__":
+    main()
