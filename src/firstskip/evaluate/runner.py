@@ -48,12 +48,12 @@ CALIBRATION_MAX_TOKENS = 256  # per ShortGPT calibration example (prompt + refer
 BLOCK_INFLUENCE_NAME = "block_influence.json"
 SPEED_TOKENS = 32  # new tokens per timed single-prompt run, EOS ignored
 SPEED = ("speed: each of the first `speed_items` prompts alone (batch 1, the edge-device case), "
-         f"{SPEED_TOKENS} new tokens with EOS ignored, methods interleaved prompt by prompt; time to first "
-         "token = prefill wall time (median over prompts); decode tok/s = (new tokens - 1) / decode wall time "
-         "(median); speedup = median over prompts of the method's decode tok/s over the full model's on the "
-         "same prompt. Batched: the evaluation's own batches, one prefill shared by the methods on the same "
-         "weights (rows with different skip sets share a batch, so a layer kept by any row runs for its rows): "
-         "decode row-steps / decode wall time, no warm-up")
+         f"{SPEED_TOKENS} new tokens with EOS ignored, after one untimed run, methods interleaved prompt by "
+         "prompt; time to first token = prefill wall time (median over prompts); decode tok/s = "
+         "(new tokens - 1) / decode wall time (median); speedup = median over prompts of the method's decode "
+         "tok/s over the full model's on the same prompt. Batched: the evaluation's own batches, one prefill "
+         "shared by the methods on the same weights (rows with different skip sets share a batch, so a layer "
+         "kept by any row runs for its rows): decode row-steps / decode wall time, no warm-up")
 
 
 @dataclass
