@@ -10,11 +10,7 @@ OUT=${2:-out/eval/mix25}
 RIVAL=${3:-shortgpt}
 D=../shared/data
 for t in 0.15 0.35; do
-  R="$RUN-t$t"
-  if [ ! -d "$R" ]; then
-    cp -r "$RUN" "$R.tmp" && rm -rf "$R.tmp/checkpoint" && mv "$R.tmp" "$R"
-  fi
-  firstskip calibrate --run "$R" --data $D/samsum --data $D/xsum --data $D/boolq --skip-target $t
-  firstskip eval -r "$R" -d $D/boolq -d $D/sst2 --limit 100 --methods full,first,$RIVAL --out "$OUT-t$t-cls"
-  firstskip eval -r "$R" -d $D/samsum -d $D/xsum --limit 50 --methods full,first,$RIVAL --out "$OUT-t$t-sum"
+  bash benchmarks/recalibrated_copy.sh "$RUN" $t $D/samsum $D/xsum $D/boolq
+  firstskip eval -r "$RUN-t$t" -d $D/boolq -d $D/sst2 --limit 100 --methods full,first,$RIVAL --out "$OUT-t$t-cls"
+  firstskip eval -r "$RUN-t$t" -d $D/samsum -d $D/xsum --limit 50 --methods full,first,$RIVAL --out "$OUT-t$t-sum"
 done

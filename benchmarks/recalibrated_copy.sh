@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# A copy of a trained run, recalibrated for another skip target on the same held-out training prompts.
+# Usage: bash benchmarks/recalibrated_copy.sh RUN TARGET DATA [DATA ...]   (writes RUN-tTARGET)
+set -euo pipefail
+RUN=$1; T=$2; shift 2
+R="$RUN-t$T"
+if [ ! -d "$R" ]; then
+  cp -r "$RUN" "$R.tmp" && rm -rf "$R.tmp/checkpoint" && mv "$R.tmp" "$R"
+fi
+firstskip calibrate --run "$R" $(printf -- '--data %s ' "$@") --skip-target "$T"
