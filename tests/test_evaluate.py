@@ -267,7 +267,8 @@ def test_speed_is_timed_one_prompt_at_a_time_to_a_fixed_length_and_resumes(run, 
     results = evaluate_run(run, [str(data["toy"])], speed_items=3, **args)
     tokens = runner.SPEED_TOKENS
     warm_up = [("full", 1, [tokens], tokens - 1)]  # untimed, before the timed runs
-    assert timed == warm_up + [(m, 1, [tokens], tokens - 1) for _ in range(3) for m in ("full", "first")]  # interleaved
+    interleaved = [(m, 1, [tokens], tokens - 1) for _ in range(3) for m in ("full", "first")]
+    assert timed == warm_up + interleaved
     first = results["datasets"]["toy"]["methods"]["first"]["speed"]
     assert first["prompts"] == 3 and first["decode_speedup"] > 0
     timed.clear()

@@ -338,12 +338,14 @@ def time_single_prompts(models: Models, ds: Dataset, methods: Sequence[Method], 
     sampling = Sampling(max_new_tokens=SPEED_TOKENS)
     jobs = [(i, m) for i in rows for m in methods  # interleaved: machine noise hits every method alike
             if not stores[m.name].finished(ds.examples[i].id, setting[m.name][i])]
+
+    def alone(i: int, m: Method) -> dict[str, float]:
+        return generate_batch(models.of(m), m, [prompts[i]], [skips[m.name][i]], sampling, stop_at_eos=False)[1]
+
     if jobs:  # one untimed run first, so the first timed one does not pay for cold caches and lazy setup
-        i, m = jobs[0]
-        generate_batch(models.of(m), m, [prompts[i]], [skips[m.name][i]], sampling, stop_at_eos=False)
+        alone(*jobs[0])
     for i, m in tqdm(jobs, desc=f"{ds.name}: time", unit="run", disable=not progress or not jobs):
-        _, timing = generate_batch(models.of(m), m, [prompts[i]], [skips[m.name][i]], sampling, stop_at_eos=False)
-        stores[m.name].append([{"id": ds.examples[i].id, "setting": setting[m.name][i], "time": timing}])
+        stores[m.name].append([{"id": ds.examples[i].id, "setting": setting[m.name][i], "time": alone(i, m)}])
     return {m.name: [stores[m.name].records[ds.examples[i].id] for i in rows] for m in methods}
 
 
