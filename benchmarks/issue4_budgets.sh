@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # FiRST against its strongest static rival at skip targets 0.15 and 0.35 (docs/results.md): the
 # 0.25 run's routers and LoRA, with the threshold recalibrated on the training held-out prompts
-# for each target (a copy of the run per target), then full, first and the rival on BoolQ, SST-2 (100 items),
-# SAMSum and XSum (50).
+# for each target (a copy of the run per target), then full, first and the rival on BoolQ and
+# SST-2 (100 items), SAMSum and XSum (50).
 # Usage: bash benchmarks/issue4_budgets.sh [RUN] [OUT] [RIVAL]
 set -euo pipefail
 RUN=${1:-runs/mix25}

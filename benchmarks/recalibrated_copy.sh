@@ -7,4 +7,5 @@ R="$RUN-t$T"
 if [ ! -d "$R" ]; then
   cp -r "$RUN" "$R.tmp" && rm -rf "$R.tmp/checkpoint" && mv "$R.tmp" "$R"
 fi
-firstskip calibrate --run "$R" $(printf -- '--data %s ' "$@") --skip-target "$T"
+DATA=(); for d in "$@"; do DATA+=(--data "$d"); done
+firstskip calibrate --run "$R" "${DATA[@]}" --skip-target "$T"
