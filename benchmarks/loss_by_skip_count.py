@@ -34,6 +34,10 @@ def main() -> None:
     records = {}
     for name in (args.method, args.against):
         store = PredictionStore(f"{args.eval}/predictions/{ds.name}/{name}.jsonl").records
+        missing = [e.id for e in ds.examples if e.id not in store]
+        if missing:
+            raise SystemExit(f"{args.eval} has no {name} prediction for {len(missing)} of the first {args.limit} "
+                             f"{ds.name} items (e.g. {missing[0]}); evaluate them first or lower --limit")
         records[name] = [store[e.id] for e in ds.examples]
     scores = {name: score_items(ds.task, [r["prediction"] for r in rs], refs, [e.choices for e in ds.examples])[metric]
               for name, rs in records.items()}

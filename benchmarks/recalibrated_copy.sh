@@ -5,6 +5,7 @@ set -euo pipefail
 RUN=$1; T=$2; shift 2
 R="$RUN-t$T"
 if [ ! -d "$R" ]; then
+  rm -rf "$R.tmp"  # left by an interrupted copy; cp would nest the run inside it
   cp -r "$RUN" "$R.tmp" && rm -rf "$R.tmp/checkpoint" && mv "$R.tmp" "$R"
 fi
 DATA=(); for d in "$@"; do DATA+=(--data "$d"); done
