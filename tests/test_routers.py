@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 
 from firstskip.config import FirstSkipConfig
-from firstskip.routers import RouterBank, decide, masked_mean
+from firstskip.routers import RouterBank, decide, last_index, masked_mean
 
 
 def test_untrained_router_says_keep_for_any_input():
@@ -16,6 +16,18 @@ def test_masked_mean_ignores_padding():
     values = torch.tensor([[1.0, 3.0, 100.0], [2.0, 2.0, 2.0]])
     mask = torch.tensor([[True, True, False], [True, True, True]])
     torch.testing.assert_close(masked_mean(values, mask), torch.tensor([2.0, 2.0]))
+
+
+def test_last_pooling_reads_only_the_last_prompt_token():
+    bank = RouterBank(FirstSkipConfig(num_layers=4, hidden_size=16, router_pooling="last"))
+    torch.nn.init.normal_(bank.routers[1].down.weight)
+    hidden = torch.randn(2, 5, 16)
+    mask = torch.tensor([[True, True, True, False, False], [False, False, True, True, True]])  # right, left pad
+    assert last_index(mask).tolist() == [2, 4]
+    expected = torch.sigmoid(bank.routers[1](hidden[[0, 1], [2, 4]]))
+    torch.testing.assert_close(bank.keep_probability(1, hidden, mask), expected)
+    hidden[0, :2], hidden[1, 3] = 0.0, 5.0  # other prompt tokens do not count
+    torch.testing.assert_close(bank.keep_probability(1, hidden, mask), expected)
 
 
 def test_decisions_never_skip_protected_layers():

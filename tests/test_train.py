@@ -109,17 +109,19 @@ def test_two_piece_pass_equals_one_piece(model_type: str):
     rows = [(torch.randint(3, 250, (p + r,), generator=gen).tolist(), p) for p, r in [(5, 3), (11, 6), (8, 1), (14, 4)]]
     batch = collate(rows, pad_id=0)
     soft = lambda layer, p: p  # noqa: E731
-    logits, labels, probs = gated_forward(fsm.model, fsm.engine.controller, batch, soft)
-    one = response_ce(logits, labels)
-    two, probs2 = prompt_then_response(fsm.model, fsm.engine.controller, fsm.routers, batch, lambda probs: soft)
-    two = two.sum()
-    params = [p for p in fsm.routers.parameters()]
-    grads = torch.autograd.grad(one, params, allow_unused=True), torch.autograd.grad(two, params, allow_unused=True)
-    torch.testing.assert_close(two, one, atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(probs2, probs, atol=1e-6, rtol=0)
-    for a, b in zip(*grads):
-        if a is not None:
-            torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4)
+    for pooling in ("mean", "last"):  # right-padded prompts in one piece, left-padded in two
+        fsm.routers.pooling = pooling
+        logits, labels, probs = gated_forward(fsm.model, fsm.engine.controller, batch, soft)
+        one = response_ce(logits, labels)
+        two, probs2 = prompt_then_response(fsm.model, fsm.engine.controller, fsm.routers, batch, lambda probs: soft)
+        two = two.sum()
+        params = [p for p in fsm.routers.parameters()]
+        grads = torch.autograd.grad(one, params, allow_unused=True), torch.autograd.grad(two, params, allow_unused=True)
+        torch.testing.assert_close(two, one, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(probs2, probs, atol=1e-6, rtol=0)
+        for a, b in zip(*grads):
+            if a is not None:
+                torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4)
 
 
 # -- phase 1 ---------------------------------------------------------------------------------------
@@ -379,6 +381,7 @@ def test_recipe_resumes_after_a_crash_around_calibration(text_tiny, tmp_path, mo
     (["--merge"], "add --lora"),
     (["--resume", "--overwrite"], "one of them"),
     (["--skip-target", "0.9"], "skippable"),
+    (["--pooling", "max"], "pooling"),
 ])
 def test_train_command_errors_are_one_line(text_tiny, tmp_path, args, message):
     result = CliRunner().invoke(app, ["train", "-m", TINY, "--data", text_tiny[1], "--out", str(tmp_path / "r"),

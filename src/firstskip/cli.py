@@ -308,6 +308,8 @@ def train(
     lora_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps of the LoRA phase.")] = None,
     lora_lr: Annotated[Optional[float], typer.Option(help="LoRA learning rate.")] = None,
     lora_rank: Annotated[Optional[int], typer.Option(help="LoRA rank.")] = None,
+    pooling: Annotated[Optional[str], typer.Option(
+        help="How a router turns the prompt into p_l: mean (of its token scores) or last (the last prompt token's).")] = None,
     resume: Annotated[bool, typer.Option(help="Go on from the run's last checkpoint; finished phases are kept.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out.")] = False,
     threads: ThreadsOpt = None,
@@ -320,7 +322,7 @@ def train(
     _set_threads(threads)
     options = dict(skip_target=skip_target, lam=lam, max_steps=max_steps, epochs=epochs, lr=lr, batch_size=batch_size,
                    seed=seed, limit=limit, max_length=max_length, holdout=holdout, lora_steps=lora_steps,
-                   lora_lr=lora_lr, lora_rank=lora_rank, device=device)
+                   lora_lr=lora_lr, lora_rank=lora_rank, device=device, pooling=pooling)
     fsm = train_run(model, data, out, lora=lora, merge=merge, resume=resume, overwrite=overwrite, dtype=dtype,
                     **{k: v for k, v in options.items() if v is not None})
     typer.echo(json.dumps({"run": str(out), "threshold": fsm.config.threshold,

@@ -1,7 +1,8 @@
 """Routers: one small MLP per decoder layer that scores the prompt, and the skip decisions.
 
-A router reads the residual stream entering its layer, scores each prompt token, and the scores
-are pooled (masked mean, padding never counts) into one keep-probability per sequence. Routers
+A router reads the residual stream entering its layer and scores the prompt's tokens; the scores
+become one keep-probability per sequence by a masked mean over the prompt (padding never counts) or
+from the last prompt token alone (``router_pooling``). Routers
 know nothing of the engine or of training; they see hidden states and masks.
 """
 
@@ -43,9 +44,19 @@ class RouterBank(nn.Module):
             Router(config.hidden_size, config.router_dim, config.router_init_keep)
             for _ in range(config.num_layers)
         )
+        self.pooling = config.router_pooling
 
     def keep_probability(self, layer: int, hidden: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
-        """p_l per sequence, shape [B]: the masked mean of per-token keep probabilities."""
+        """p_l per sequence, shape [B].
+
+        ``mean``: the masked mean of per-token keep probabilities. ``last``: the last prompt token's,
+        the state a causal model's sequence classifier reads. A mean weighs the chat template's fixed
+        tokens more in a short prompt than in a long one, so p_l drifts with prompt length; the last
+        token's state has attended to the whole prompt and does not (measured in docs/training.md).
+        """
+        if self.pooling == "last":
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            return torch.sigmoid(self.routers[layer](hidden[rows, last_index(prompt_mask)]))
         return masked_mean(torch.sigmoid(self.routers[layer](hidden)), prompt_mask)
 
 
@@ -53,6 +64,11 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over the last dim counting only positions where mask is true."""
     mask = mask.to(values.dtype)
     return (values * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
+
+
+def last_index(mask: torch.Tensor) -> torch.Tensor:
+    """Per row, the index of the last true position of ``mask`` [B, T] (left or right padding)."""
+    return mask.shape[-1] - 1 - mask.flip(-1).int().argmax(-1)
 
 
 def decide(probs: torch.Tensor, config: FirstSkipConfig) -> torch.Tensor:
