@@ -21,6 +21,7 @@ def test_defaults_protect_first_and_last_layer():
     (dict(protected_layers=[40]), "outside"),
     (dict(skip_ratio=-0.1), "skip ratio"),
     (dict(router_pooling="max"), "pooling"),
+    (dict(template_tokens=[3]), "template_tokens"),
 ])
 def test_bad_values_name_the_field(changes, message):
     with pytest.raises(FirstSkipError, match=message):
@@ -42,7 +43,9 @@ def test_json_round_trip_and_forward_compatibility():
         FirstSkipConfig.from_dict({**data, "schema_version": 99})
 
 
-def test_runs_saved_before_pooling_was_a_choice_pool_by_mean():
-    data = json.loads(FirstSkipConfig(num_layers=6, hidden_size=8, router_pooling="last").to_json())
-    del data["router_pooling"]
-    assert FirstSkipConfig.from_dict(data).router_pooling == "mean"
+def test_runs_saved_before_pooling_was_a_choice_pool_by_mean_over_every_token():
+    data = json.loads(FirstSkipConfig(num_layers=6, hidden_size=8, router_pooling="last",
+                                      template_tokens=[4, 2]).to_json())
+    del data["router_pooling"], data["template_tokens"]
+    old = FirstSkipConfig.from_dict(data)
+    assert old.router_pooling == "mean-all" and old.template_tokens is None

@@ -8,7 +8,7 @@ import torch
 
 from firstskip import data
 from firstskip.data import (BUILTINS, TASKS, Example, collate, encode_example, encode_prompt, load_examples,
-                            mix_examples)
+                            mix_examples, template_span)
 from firstskip.errors import FirstSkipError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -197,6 +197,13 @@ def test_encode_example_applies_chat_template_and_labels_the_response(tokenizer)
     assert tokenizer.decode(ids[prompt_len:]) == ex.reference + tokenizer.eos_token
     labels = collate([(ids, prompt_len)], tokenizer.pad_token_id).labels[0]
     assert labels[labels != -100].tolist() == ids[prompt_len:]
+
+
+def test_template_span_is_what_every_chat_prompt_shares(tokenizer):
+    head, tail = template_span(tokenizer)
+    ids = encode_prompt(tokenizer, "Is water wet?")
+    assert tokenizer.decode(ids[head:len(ids) - tail]) == "Is water wet?"
+    assert tokenizer.decode(ids[-tail:]) == "<|im_end|>\n<|im_start|>assistant\n"
 
 
 def test_encode_raw_text_continues_the_prompt(tokenizer):

@@ -176,13 +176,14 @@ def test_threshold_and_budget_decisions():
     assert gen.skipped_layers == [1, 2, 3] and len(gen.keep_probs) == 6
 
 
-@pytest.mark.parametrize("pooling", ["mean", "last"])
+@pytest.mark.parametrize("pooling", [dict(router_pooling="mean-all"), dict(router_pooling="mean", template_tokens=[2, 1]),
+                                     dict(router_pooling="last")])
 @pytest.mark.parametrize("prefill", ["full", "routed"])
 def test_padding_never_counts_in_router_pooling(pooling, prefill):
     model = tiny("llama")
-    routers = RouterBank(config_for(model, router_pooling=pooling))
+    routers = RouterBank(config_for(model, **pooling))
     torch.nn.init.normal_(routers.routers[2].down.weight, std=1.0)  # input-dependent scores
-    eng = engine(model, routers, router_pooling=pooling, prefill=prefill)
+    eng = engine(model, routers, **pooling, prefill=prefill)
     alone = eng.prefill([prompt(4, 8)]).probs[0]
     padded = eng.prefill([prompt(4, 8), prompt(11, 9)]).probs[0]
     torch.testing.assert_close(alone, padded, **TOLERANCE[torch.float32])

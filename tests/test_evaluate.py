@@ -79,7 +79,7 @@ def make_run(base: Path, folder: Path, adapter: bool) -> Path:
     """Routers of layers 1-4 set by hand so that decisions vary from prompt to prompt."""
     with torch.random.fork_rng():
         torch.manual_seed(3)  # routers' first layers are initialised from the global generator
-        fsm = FirstSkipModel.from_base(str(base))
+        fsm = FirstSkipModel.from_base(str(base), router_pooling="mean-all")  # the pooling `gen` was picked for
     gen = torch.Generator().manual_seed(1)  # with it, toy prompts get 1 or 2 skipped layers
     with torch.no_grad():
         for layer in (1, 2, 3, 4):

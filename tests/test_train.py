@@ -109,8 +109,8 @@ def test_two_piece_pass_equals_one_piece(model_type: str):
     rows = [(torch.randint(3, 250, (p + r,), generator=gen).tolist(), p) for p, r in [(5, 3), (11, 6), (8, 1), (14, 4)]]
     batch = collate(rows, pad_id=0)
     soft = lambda layer, p: p  # noqa: E731
-    for pooling in ("mean", "last"):  # right-padded prompts in one piece, left-padded in two
-        fsm.routers.pooling = pooling
+    for pooling, template in [("mean", (0, 0)), ("mean", (2, 1)), ("last", (0, 0))]:  # right-padded prompts
+        fsm.routers.pooling, (fsm.routers.head, fsm.routers.tail) = pooling, template  # in one piece, left in two
         logits, labels, probs = gated_forward(fsm.model, fsm.engine.controller, batch, soft)
         one = response_ce(logits, labels)
         two, probs2 = prompt_then_response(fsm.model, fsm.engine.controller, fsm.routers, batch, lambda probs: soft)

@@ -309,7 +309,8 @@ def train(
     lora_lr: Annotated[Optional[float], typer.Option(help="LoRA learning rate.")] = None,
     lora_rank: Annotated[Optional[int], typer.Option(help="LoRA rank.")] = None,
     pooling: Annotated[Optional[str], typer.Option(
-        help="How a router turns the prompt into p_l: mean (of its token scores) or last (the last prompt token's).")] = None,
+        help="How a router turns the prompt into p_l: mean (of its token scores, the chat template's fixed "
+             "tokens left out), mean-all (every token) or last (the last prompt token's).")] = None,
     resume: Annotated[bool, typer.Option(help="Go on from the run's last checkpoint; finished phases are kept.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out.")] = False,
     threads: ThreadsOpt = None,

@@ -11,6 +11,7 @@ from typing import Any, Literal
 from firstskip.errors import FirstSkipError
 
 SCHEMA_VERSION = 1
+POOLINGS = ("mean", "mean-all", "last")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -30,7 +31,8 @@ class FirstSkipConfig:
     hidden_size: int
     router_dim: int = 64
     router_init_keep: float = 0.95  # an untrained router keeps every layer: untrained FiRST = base
-    router_pooling: Literal["mean", "last"] = "mean"  # how token scores become p_l (routers.POOLINGS)
+    router_pooling: Literal["mean", "mean-all", "last"] = "mean"  # token scores -> p_l (RouterBank.keep_probability)
+    template_tokens: list[int] | None = None  # [head, tail]: chat-template tokens every prompt shares
     protected_layers: list[int] | None = None  # None: the first and the last layer
     decision: Literal["threshold", "budget"] = "threshold"
     threshold: float = 0.5  # keep layer l iff p_l >= threshold
@@ -46,8 +48,10 @@ class FirstSkipConfig:
         _check(self.num_layers >= 2, f"num_layers must be at least 2, got {self.num_layers}")
         _check(self.router_dim >= 1, f"router_dim must be positive, got {self.router_dim}")
         _check(0.0 < self.router_init_keep < 1.0, "router_init_keep must lie strictly between 0 and 1")
-        _check(self.router_pooling in ("mean", "last"),
-               f"router pooling must be 'mean' or 'last', got {self.router_pooling!r}")
+        _check(self.router_pooling in POOLINGS,
+               f"router pooling must be one of {', '.join(POOLINGS)}, got {self.router_pooling!r}")
+        _check(self.template_tokens is None or (len(self.template_tokens) == 2 and min(self.template_tokens) >= 0),
+               f"template_tokens must be [head, tail] token counts, got {self.template_tokens!r}")
         _check(self.decision in ("threshold", "budget"),
                f"decision must be 'threshold' or 'budget', got {self.decision!r}")
         _check(0.0 <= self.threshold <= 1.0, f"threshold must lie in [0, 1], got {self.threshold}")
@@ -92,7 +96,7 @@ class FirstSkipConfig:
         version = data.pop("schema_version", SCHEMA_VERSION)
         _check(isinstance(version, int) and version <= SCHEMA_VERSION,
                f"this run was written by a newer firstskip (schema {version}); upgrade firstskip to read it")
-        data.setdefault("router_pooling", "mean")  # runs saved before pooling was a choice pooled by mean
+        data.setdefault("router_pooling", "mean-all")  # runs saved before pooling was a choice
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -324,6 +324,17 @@ def encode_prompt(tokenizer, prompt: str, chat: bool | None = None) -> list[int]
                                               tokenize=True, return_dict=False))
 
 
+def template_span(tokenizer) -> list[int] | None:
+    """``[head, tail]``: how many leading and trailing ids every chat prompt shares (the template's
+    system turn and user header, and its assistant header), or None without a chat template."""
+    if not _use_chat(tokenizer, None):
+        return None
+    a, b = encode_prompt(tokenizer, "A b c"), encode_prompt(tokenizer, "Z y x w")
+    head = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+    tail = next(i for i, (x, y) in enumerate(zip(reversed(a), reversed(b))) if x != y)
+    return [head, tail]
+
+
 def _use_chat(tokenizer, chat: bool | None) -> bool:
     has_template = bool(getattr(tokenizer, "chat_template", None))
     if chat and not has_template:

@@ -16,7 +16,7 @@ import torch
 
 from firstskip import artifacts
 from firstskip.config import FirstSkipConfig
-from firstskip.data import encode_prompt
+from firstskip.data import encode_prompt, template_span
 from firstskip.engine import Engine, Generation, Sampling, StopFn, Stream
 from firstskip.errors import FirstSkipError
 from firstskip.families import decoder_layers
@@ -43,7 +43,13 @@ class FirstSkipModel:
 
     @classmethod
     def wrap(cls, model: torch.nn.Module, tokenizer: Any = None, **config: Any) -> FirstSkipModel:
-        """A new FiRST model on an already loaded base model."""
+        """A new FiRST model on an already loaded base model.
+
+        With a chat tokenizer, the routers' mean leaves out the template's fixed tokens
+        (``template_tokens``, see `RouterBank.keep_probability`) unless ``config`` says otherwise.
+        """
+        if tokenizer is not None and "template_tokens" not in config:
+            config["template_tokens"] = template_span(tokenizer)
         cfg = FirstSkipConfig(num_layers=len(decoder_layers(model)), hidden_size=model.config.hidden_size,
                               fingerprint=artifacts.fingerprint(model), **config)
         return cls(model, tokenizer, cfg)

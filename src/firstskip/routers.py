@@ -1,9 +1,10 @@
 """Routers: one small MLP per decoder layer that scores the prompt, and the skip decisions.
 
 A router reads the residual stream entering its layer and scores the prompt's tokens; the scores
-become one keep-probability per sequence by a masked mean over the prompt (padding never counts) or
-from the last prompt token alone (``router_pooling``). Routers
-know nothing of the engine or of training; they see hidden states and masks.
+become one keep-probability per sequence by a masked mean over the prompt's own tokens (padding and
+the chat template's fixed tokens never count) or from the last prompt token alone
+(``router_pooling``). Routers know nothing of the engine or of training; they see hidden states
+and masks.
 """
 
 from __future__ import annotations
@@ -45,25 +46,39 @@ class RouterBank(nn.Module):
             for _ in range(config.num_layers)
         )
         self.pooling = config.router_pooling
+        self.head, self.tail = (config.template_tokens or (0, 0)) if self.pooling == "mean" else (0, 0)
 
     def keep_probability(self, layer: int, hidden: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
         """p_l per sequence, shape [B].
 
-        ``mean``: the masked mean of per-token keep probabilities. ``last``: the last prompt token's,
-        the state a causal model's sequence classifier reads. A mean weighs the chat template's fixed
-        tokens more in a short prompt than in a long one, so p_l drifts with prompt length; the last
-        token's state has attended to the whole prompt and does not (measured in docs/training.md).
+        ``mean``: the masked mean of per-token keep probabilities over the prompt without its first
+        ``head`` and last ``tail`` tokens (``template_tokens``: the chat template's system turn and
+        assistant header, the same in every prompt). Pooled with the rest (``mean-all``), those fixed
+        tokens weigh more in a short prompt than in a long one, so p_l drifted with prompt length and
+        short prompts skipped most (docs/training.md). ``last``: the last prompt token's score, the
+        state a causal model's sequence classifier reads.
         """
         if self.pooling == "last":
             rows = torch.arange(hidden.shape[0], device=hidden.device)
             return torch.sigmoid(self.routers[layer](hidden[rows, last_index(prompt_mask)]))
-        return masked_mean(torch.sigmoid(self.routers[layer](hidden)), prompt_mask)
+        mask = inner_mask(prompt_mask, self.head, self.tail)
+        return masked_mean(torch.sigmoid(self.routers[layer](hidden)), mask)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over the last dim counting only positions where mask is true."""
     mask = mask.to(values.dtype)
     return (values * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
+
+
+def inner_mask(mask: torch.Tensor, head: int, tail: int) -> torch.Tensor:
+    """``mask`` [B, T] without each row's first ``head`` and last ``tail`` true positions (left or right
+    padding); a row that would keep none keeps all of its own."""
+    if head == tail == 0:
+        return mask
+    position = mask.long().cumsum(-1)  # 1-based index among the row's true positions
+    inner = mask & (position > head) & (position <= position[:, -1:] - tail)
+    return torch.where(inner.any(-1, keepdim=True), inner, mask)
 
 
 def last_index(mask: torch.Tensor) -> torch.Tensor:

@@ -38,8 +38,8 @@ def train(model: str, data: Sequence[str], out: str | os.PathLike, *, skip_targe
           epochs: float | None = None, lr: float | None = None, batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0,
           limit: int | None = None, max_length: int = DEFAULT_MAX_LENGTH, holdout: int = DEFAULT_HOLDOUT,
           lora_steps: int | None = None, lora_lr: float | None = None, lora_rank: int | None = None,
-          pooling: str | None = None, resume: bool = False, overwrite: bool = False, dtype: str = "float32", device: str | None = None,
-          progress: bool = True) -> FirstSkipModel:
+          pooling: str | None = None, resume: bool = False, overwrite: bool = False, dtype: str = "float32",
+          device: str | None = None, progress: bool = True) -> FirstSkipModel:
     """Train routers (and LoRA) on one or more datasets into the run folder ``out``.
 
     Args:
@@ -60,8 +60,8 @@ def train(model: str, data: Sequence[str], out: str | os.PathLike, *, skip_targe
         holdout: examples per dataset kept out of training for calibration (target mode).
         lora_steps: optimizer steps of phase 2 (default: ``max_steps`` if given).
         lora_lr: LoRA learning rate; lora_rank: LoRA rank.
-        pooling: how routers pool the prompt, ``mean`` or ``last`` (default: the config's); a resumed
-            run keeps its own.
+        pooling: how routers pool the prompt, ``mean``, ``mean-all`` or ``last`` (default: ``mean``,
+            see `RouterBank.keep_probability`); a resumed run keeps its own.
         resume: go on from the run's last checkpoint and skip finished phases.
         overwrite: replace an existing run in ``out``.
         dtype: base model dtype; device: where it runs (default: accelerate's choice for this process).
@@ -160,13 +160,14 @@ def split_examples(specs: Sequence[str], seed: int, holdout: int, limit: int | N
 
 
 def _load(model: str, out: Path, resume: bool, seed: int, dtype: str, device: str | None,
-          **config: object) -> FirstSkipModel:
-    """The base model, or the run so far when resuming after a finished phase."""
+          **fresh: object) -> FirstSkipModel:
+    """The base model (with the config fields ``fresh``), or the run so far when resuming after a
+    finished phase."""
     if device is None:
         device = str(process_state().device)  # under `accelerate launch`, this process's device
     if not (resume and (out / artifacts.CONFIG_NAME).is_file()):
         torch.manual_seed(seed)  # the routers' first layers are drawn at random
-        return FirstSkipModel.from_base(model, dtype=dtype, device=device, **config)
+        return FirstSkipModel.from_base(model, dtype=dtype, device=device, **fresh)
     config = artifacts.load_config(out)
     if config.base_model != model_reference(model):
         raise FirstSkipError(f"{out} was trained on {config.base_model}, not {model}; pass --model {config.base_model}")
