@@ -15,7 +15,7 @@ from firstskip.modeling import FirstSkipModel
 
 out = sys.argv[1]
 torch.manual_seed(0)  # the routers' first layers are initialised from the global generator
-fsm = FirstSkipModel.from_base("smollm2-135m")
+fsm = FirstSkipModel.from_base("smollm2-135m", router_pooling="mean-all")  # as when its numbers were measured
 gen = torch.Generator().manual_seed(0)
 with torch.no_grad():
     # Layers 8-24 get input-dependent keep-probabilities around 0.5, so skip sets vary per prompt.

@@ -7,6 +7,8 @@ in docs/training.md (out/eval/l60 is written by the command there):
 For each group of items (by FiRST's skip count, in bins of --bin layers): how many items, the mean
 per-item score of --method minus --against, and that group's share of the whole gap (its summed
 difference over all items). Per-item scores are firstskip.metrics.score_items' (sentence-level).
+Last, the items on which --method ran to max_new_tokens (a repetition loop, for a summary) and
+their share of the gap.
 """
 
 from __future__ import annotations
@@ -53,6 +55,10 @@ def main() -> None:
         d = groups[g]
         print(f"| {g * args.bin}-{g * args.bin + args.bin - 1} | {len(d)} | {statistics.fmean(d):+.1f} | "
               f"{sum(d) / n:+.2f} |")
+    cut = [a - b for r, a, b in zip(records[args.method], scores[args.method], scores[args.against])
+           if r["finish"] == "length"]
+    print(f"{args.method} ran to max_new_tokens on {len(cut)} items ({args.against}: "
+          f"{sum(r['finish'] == 'length' for r in records[args.against])}); they contribute {sum(cut) / n:+.2f}")
 
 
 if __name__ == "__main__":

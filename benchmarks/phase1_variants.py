@@ -4,7 +4,8 @@ decision (threshold 0.5) follow a skip target. The default variant is what `firs
 Reproduce (docs/training.md, "Meeting the target"):
     python benchmarks/phase1_variants.py soft runs/p1-soft        # no polarisation, soft gates only
     firstskip train -m smollm2-135m --data ../shared/data/samsum --data ../shared/data/xsum \
-        --data ../shared/data/boolq --out runs/p1-default --skip-target 0.25 --max-steps 80 --threads 1
+        --data ../shared/data/boolq --out runs/p1-default --skip-target 0.25 --max-steps 80 --threads 1 \
+        --pooling mean-all
 
 Each run ends with the calibration `firstskip train` makes (threshold chosen on the held-out examples).
 """
@@ -34,7 +35,7 @@ options = dict(VARIANTS[variant])
 max_length = options.pop("max_length", DEFAULT_MAX_LENGTH)
 torch.set_num_threads(1)
 torch.manual_seed(0)
-fsm = FirstSkipModel.from_base("smollm2-135m")
+fsm = FirstSkipModel.from_base("smollm2-135m", router_pooling="mean-all")  # the pooling these runs measured
 held, train = split_examples(DATA, 0, DEFAULT_HOLDOUT, None)
 encoded = [encode_example(fsm.tokenizer, ex, max_length) for ex in train]
 train_routers(fsm, encoded, out, RouterTraining(skip_target=0.25, **options))
