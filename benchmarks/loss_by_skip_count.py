@@ -8,7 +8,8 @@ For each group of items (by FiRST's skip count, in bins of --bin layers): how ma
 per-item score of --method minus --against, and that group's share of the whole gap (its summed
 difference over all items). Per-item scores are firstskip.metrics.score_items' (sentence-level).
 Last, the items on which --method ran to max_new_tokens (a repetition loop, for a summary) and
-their share of the gap.
+their share of the gap, and how --method's skip count follows prompt length (the correlation, and
+the mean count of prompts under 150 and over 300 tokens).
 """
 
 from __future__ import annotations
@@ -59,6 +60,13 @@ def main() -> None:
            if r["finish"] == "length"]
     print(f"{args.method} ran to max_new_tokens on {len(cut)} items ({args.against}: "
           f"{sum(r['finish'] == 'length' for r in records[args.against])}); they contribute {sum(cut) / n:+.2f}")
+    counts = [len(r["skipped"]) for r in records[args.method]]
+    lengths = [r["prompt_tokens"] for r in records[args.method]]
+    short = [c for c, t in zip(counts, lengths) if t < 150]
+    long = [c for c, t in zip(counts, lengths) if t > 300]
+    print(f"skip count vs prompt tokens: correlation {statistics.correlation(counts, lengths):+.2f}; "
+          f"prompts under 150 tokens skip {statistics.fmean(short) if short else float('nan'):.1f} layers "
+          f"({len(short)}), over 300 tokens {statistics.fmean(long) if long else float('nan'):.1f} ({len(long)})")
 
 
 if __name__ == "__main__":
