@@ -330,9 +330,10 @@ def template_span(tokenizer) -> list[int] | None:
     if not _use_chat(tokenizer, None):
         return None
     a, b = encode_prompt(tokenizer, "A b c"), encode_prompt(tokenizer, "Z y x w")
-    head = next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
-    tail = next(i for i, (x, y) in enumerate(zip(reversed(a), reversed(b))) if x != y)
-    return [head, tail]
+    shortest = min(len(a), len(b))
+    head = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), shortest)
+    tail = next((i for i, (x, y) in enumerate(zip(reversed(a), reversed(b))) if x != y), shortest - head)
+    return [head, min(tail, shortest - head)]
 
 
 def _use_chat(tokenizer, chat: bool | None) -> bool:
