@@ -65,8 +65,12 @@ def main() -> None:
     short = [c for c, t in zip(counts, lengths) if t < 150]
     long = [c for c, t in zip(counts, lengths) if t > 300]
     print(f"skip count vs prompt tokens: correlation {statistics.correlation(counts, lengths):+.2f}; "
-          f"prompts under 150 tokens skip {statistics.fmean(short) if short else float('nan'):.1f} layers "
-          f"({len(short)}), over 300 tokens {statistics.fmean(long) if long else float('nan'):.1f} ({len(long)})")
+          f"prompts under 150 tokens skip {_mean(short):.1f} layers ({len(short)}), "
+          f"over 300 tokens {_mean(long):.1f} ({len(long)})")
+
+
+def _mean(values: list[int]) -> float:
+    return statistics.fmean(values) if values else float("nan")
 
 
 if __name__ == "__main__":
