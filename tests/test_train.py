@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import math
 import os
 import shutil
 import socket
@@ -35,7 +36,7 @@ from firstskip.skipping import pruned_copy
 from firstskip.train import LoraTraining, RouterTraining, calibrate, train, train_lora, train_routers
 from firstskip.train import loop, phases, recipe
 from firstskip.train.calibrate import keep_probs, response_loss, skip_ratio, threshold_for_ratio
-from firstskip.train.passes import gated_forward, prompt_then_response, response_ce
+from firstskip.train.passes import gated_forward, prompt_keep_probs, prompt_then_response, response_ce
 
 TINY = "random:tiny-llama"
 REWARDED = [2, 3]  # the layers the data rewards skipping
@@ -125,6 +126,29 @@ def test_two_piece_pass_equals_one_piece(model_type: str):
 
 
 # -- phase 1 ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_a_prefix_share_scores_the_prompt_cut_there(pooling: str):
+    """`share` (phase 1's prefixes) gives exactly the keep-probabilities of the shortened prompts."""
+    fsm = FirstSkipModel.from_base(TINY)
+    torch.manual_seed(0)
+    for router in fsm.routers.routers:
+        torch.nn.init.normal_(router.down.weight, std=0.5)
+    head, tail = (2, 1) if pooling == "mean" else (0, 0)
+    fsm.routers.pooling, fsm.routers.head, fsm.routers.tail = pooling, head, tail
+    gen = torch.Generator().manual_seed(0)
+    rows = [(torch.randint(3, 250, (p + r,), generator=gen).tolist(), p) for p, r in [(9, 3), (14, 6), (7, 2)]]
+    share = torch.tensor([0.5, 0.3, 1.0])
+    _, probs = prompt_then_response(fsm.model, fsm.engine.controller, fsm.routers, collate(rows, pad_id=0),
+                                    lambda probs: (lambda layer, p: p), share)
+    cut = []
+    for (ids, p), s in zip(rows, share.tolist()):
+        kept = head + math.ceil(s * (p - head - tail))
+        prompt = ids[:kept] + ids[p - tail:p]  # the template's tail stays: it ends every prompt
+        cut.append((prompt + [5], len(prompt)))
+    shortened = prompt_keep_probs(fsm.model, fsm.engine.controller, collate(cut, pad_id=0))
+    torch.testing.assert_close(probs.detach(), shortened, atol=1e-6, rtol=0)
+
 
 def test_routers_learn_to_skip_the_layers_the_data_rewards(phase1_run, data):
     losses = [r["loss"] for r in log(phase1_run, "routers")]
@@ -382,6 +406,7 @@ def test_recipe_resumes_after_a_crash_around_calibration(text_tiny, tmp_path, mo
     (["--resume", "--overwrite"], "one of them"),
     (["--skip-target", "0.9"], "skippable"),
     (["--pooling", "max"], "pooling"),
+    (["--prefixes", "1.5"], "prefixes"),
 ])
 def test_train_command_errors_are_one_line(text_tiny, tmp_path, args, message):
     result = CliRunner().invoke(app, ["train", "-m", TINY, "--data", text_tiny[1], "--out", str(tmp_path / "r"),

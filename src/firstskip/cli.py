@@ -297,7 +297,7 @@ def train(
     lora: Annotated[bool, typer.Option(help="Then train LoRA adapters under the learned skip sets.")] = False,
     merge: Annotated[bool, typer.Option(help="Also save the adapter merged into the weights (RUN/model).")] = False,
     max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps per phase (default: the measured "
-                                                     "recipe's, 60 for routers and 30 for LoRA).")] = None,
+                                                     "recipe's, 120 for routers and 30 for LoRA).")] = None,
     epochs: Annotated[Optional[float], typer.Option(help="Passes over the data instead of --max-steps.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Routers' learning rate.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Examples per step, summed over processes.")] = None,
@@ -311,6 +311,9 @@ def train(
     pooling: Annotated[Optional[str], typer.Option(
         help="How a router turns the prompt into p_l: mean (of its token scores, the chat template's fixed "
              "tokens left out), mean-all (every token) or last (the last prompt token's).")] = None,
+    prefixes: Annotated[Optional[float], typer.Option(
+        help="Share of training rows whose routers read only a random start of the prompt, so that a "
+             "short prompt is not taken for a cheap one.")] = None,
     resume: Annotated[bool, typer.Option(help="Go on from the run's last checkpoint; finished phases are kept.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out.")] = False,
     threads: ThreadsOpt = None,
@@ -323,7 +326,8 @@ def train(
     _set_threads(threads)
     options = dict(skip_target=skip_target, lam=lam, max_steps=max_steps, epochs=epochs, lr=lr, batch_size=batch_size,
                    seed=seed, limit=limit, max_length=max_length, holdout=holdout, lora_steps=lora_steps,
-                   lora_lr=lora_lr, lora_rank=lora_rank, device=device, pooling=pooling)
+                   lora_lr=lora_lr, lora_rank=lora_rank, device=device, pooling=pooling,
+                   prefixes=prefixes)
     fsm = train_run(model, data, out, lora=lora, merge=merge, resume=resume, overwrite=overwrite, dtype=dtype,
                     **{k: v for k, v in options.items() if v is not None})
     typer.echo(json.dumps({"run": str(out), "threshold": fsm.config.threshold,

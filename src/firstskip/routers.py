@@ -48,7 +48,8 @@ class RouterBank(nn.Module):
         self.pooling = config.router_pooling
         self.head, self.tail = (config.template_tokens or (0, 0)) if self.pooling == "mean" else (0, 0)
 
-    def keep_probability(self, layer: int, hidden: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+    def keep_probability(self, layer: int, hidden: torch.Tensor, prompt_mask: torch.Tensor,
+                         share: torch.Tensor | None = None) -> torch.Tensor:
         """p_l per sequence, shape [B].
 
         ``mean``: the masked mean of per-token keep probabilities over the prompt without its first
@@ -57,11 +58,18 @@ class RouterBank(nn.Module):
         tokens weigh more in a short prompt than in a long one, so p_l drifted with prompt length and
         short prompts skipped most (docs/training.md). ``last``: the last prompt token's score, the
         state a causal model's sequence classifier reads.
+
+        ``share`` [B] (training only): pool just the first ``ceil(share * n)`` of the n tokens a row
+        would pool. A causal model's states there are those of the prompt cut after them, so this is
+        p_l of that shorter prompt (`RouterTraining.prefixes`).
         """
+        mask = inner_mask(prompt_mask, self.head, self.tail)
+        if share is not None:
+            rank = mask.long().cumsum(-1)
+            mask = mask & (rank <= torch.ceil(share * rank[:, -1]).clamp_min(1)[:, None])
         if self.pooling == "last":
             rows = torch.arange(hidden.shape[0], device=hidden.device)
-            return torch.sigmoid(self.routers[layer](hidden[rows, last_index(prompt_mask)]))
-        mask = inner_mask(prompt_mask, self.head, self.tail)
+            return torch.sigmoid(self.routers[layer](hidden[rows, last_index(mask)]))
         return masked_mean(torch.sigmoid(self.routers[layer](hidden)), mask)
 
 

@@ -88,6 +88,8 @@ class StepInfo:
     rows: int  # rows in the global batch
     reduce: Callable[[torch.Tensor], torch.Tensor]  # sum over processes (identity for one)
     gather: Callable[[torch.Tensor], torch.Tensor]  # every process's rows, concatenated
+    rank: int = 0  # this process holds rows rank::world of the global batch
+    world: int = 1
 
 
 def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
@@ -138,7 +140,8 @@ def run_loop(objective: nn.Module, data: Encoded, settings: LoopSettings, run_di
             torch.manual_seed(settings.seed * 1_000_003 + step * 1_009 + rank)  # dropout etc.: f(seed, step, rank)
             rows = batch_indices(len(data), settings.batch_size, step, settings.seed)
             gather = functools.partial(_gather_rows, accelerator, len(rows)) if world > 1 else (lambda t: t)
-            info = StepInfo(step, total, sum(len(data[i][0]) - data[i][1] for i in rows), len(rows), reduce, gather)
+            info = StepInfo(step, total, sum(len(data[i][0]) - data[i][1] for i in rows), len(rows), reduce, gather,
+                            rank, world)
             batch = collate([data[i] for i in rows[rank::world]], pad_id=0).to(accelerator.device)
             for group in optimizer.param_groups:
                 group["lr"] = settings.lr_at(step, total)

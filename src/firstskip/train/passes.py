@@ -38,12 +38,14 @@ def gated_forward(model: nn.Module, controller: SkipController, batch: Batch,
 
 
 def prompt_then_response(model: nn.Module, controller: SkipController, routers: RouterBank, batch: Batch,
-                         make_gate: Callable[[torch.Tensor], GateFn]) -> tuple[torch.Tensor, torch.Tensor]:
+                         make_gate: Callable[[torch.Tensor], GateFn],
+                         share: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(response CE summed per row [B], probs [B, L])`` as `gated_forward` gives them, far cheaper to
     differentiate.
 
     ``make_gate(probs)`` returns the gate function once all keep-probabilities are known (a gate may
-    depend on all of them, e.g. a threshold that meets a skip target on the batch).
+    depend on all of them, e.g. a threshold that meets a skip target on the batch). ``share`` [B]:
+    the routers pool only that share of each prompt (`RouterBank.keep_probability`).
 
     For a frozen base, prompt tokens never pass a gate, so their states and keys/values do not
     depend on the routers: the prompt runs once without autograd (a prefill into a KV cache that
@@ -56,7 +58,7 @@ def prompt_then_response(model: nn.Module, controller: SkipController, routers: 
     with torch.no_grad():
         out = model(input_ids=prompt_ids, attention_mask=prompt_mask.long(), position_ids=positions,
                     past_key_values=cache, use_cache=True, output_hidden_states=True, logits_to_keep=1)
-    probs = torch.stack([routers.keep_probability(layer, out.hidden_states[layer], prompt_mask)
+    probs = torch.stack([routers.keep_probability(layer, out.hidden_states[layer], prompt_mask, share)
                          for layer in range(len(out.hidden_states) - 1)], dim=-1)
     ce_first = response_ce(out.logits, first_labels[:, None], per_row=True)  # from the prompt: no gradient
     steps = torch.arange(1, response_ids.shape[1] + 1, device=positions.device)

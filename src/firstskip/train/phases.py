@@ -50,9 +50,13 @@ class RouterTraining(LoopSettings):
     config's threshold in λ mode and, in target mode, the threshold that meets the target on the
     batch (as calibration will choose it): a mean keep-probability at the target does not make
     a threshold of 0.5 skip the target's share of layers (measured: 0-16% instead of 25%).
+    ``prefixes``: the share of rows whose routers read only a random start of the prompt (between
+    ``min_prefix`` and all of it), as if the prompt ended there, while the response is the whole
+    prompt's. Routers otherwise learn that short prompts are cheap to skip (short yes/no prompts are)
+    and skip short summarisation prompts most, where it costs most (docs/training.md).
     """
 
-    steps: int | None = 60
+    steps: int | None = 120
     lr: float = 3e-3
     lam: float = 0.01
     skip_target: float | None = None
@@ -61,6 +65,8 @@ class RouterTraining(LoopSettings):
     hard_from: float | None = 0.7
     hard_threshold: float | None = None  # None: as described above; a number: always that threshold
     per_example: bool = False  # fit = mean over rows of each row's mean token loss (else: mean over tokens)
+    prefixes: float = 0.5
+    min_prefix: float = 0.1  # of the prompt's pooled tokens
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -68,6 +74,9 @@ class RouterTraining(LoopSettings):
             raise FirstSkipError("lam, target_weight and polarize must be >= 0")
         if self.skip_target is not None and not 0 <= self.skip_target < 1:
             raise FirstSkipError(f"skip target must lie in [0, 1), got {self.skip_target}")
+        if not 0 <= self.prefixes <= 1 or not 0 < self.min_prefix <= 1:
+            raise FirstSkipError(f"prefixes must lie in [0, 1] and min_prefix in (0, 1], got {self.prefixes}, "
+                                 f"{self.min_prefix}")
         if self.hard_from is not None and not 0 <= self.hard_from <= 1:
             raise FirstSkipError(f"hard_from must lie in [0, 1], got {self.hard_from}")
         if self.hard_threshold is not None and not 0 < self.hard_threshold < 1:
@@ -101,7 +110,7 @@ class RouterObjective(nn.Module):
 
     def forward(self, batch: Batch, info: StepInfo) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ce, probs = prompt_then_response(self.model, self.controller, self.routers, batch,
-                                         lambda probs: self._gate(probs, info))
+                                         lambda probs: self._gate(probs, info), self._shares(info))
         per_example = ce / (batch.labels != -100).sum(-1)  # each row's mean loss per response token
         p = probs[:, self.skippable]
         count = info.rows * len(self.skippable)  # global: sums over rows and layers divide by this
@@ -119,6 +128,17 @@ class RouterObjective(nn.Module):
                  "polar": polar_sum.detach(),
                  "skipped": (p.detach() < self.config.threshold).sum().float()}
         return loss, stats
+
+    def _shares(self, info: StepInfo) -> torch.Tensor | None:
+        """Each local row's share of its prompt the routers read; drawn for the global batch from
+        (seed, step), so the draws do not depend on the number of processes."""
+        if not self.settings.prefixes:
+            return None
+        generator = torch.Generator().manual_seed(self.settings.seed * 1_000_003 + info.step)
+        picked, fraction = torch.rand(2, info.rows, generator=generator)
+        low = self.settings.min_prefix
+        share = torch.where(picked < self.settings.prefixes, low + (1 - low) * fraction, torch.ones(info.rows))
+        return share[info.rank::info.world].to(next(self.routers.parameters()).device)
 
     def _gate(self, probs: torch.Tensor, info: StepInfo) -> GateFn:
         """Soft gates, then straight-through hard ones. In target mode the hard threshold is the one

@@ -38,8 +38,8 @@ def train(model: str, data: Sequence[str], out: str | os.PathLike, *, skip_targe
           epochs: float | None = None, lr: float | None = None, batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0,
           limit: int | None = None, max_length: int = DEFAULT_MAX_LENGTH, holdout: int = DEFAULT_HOLDOUT,
           lora_steps: int | None = None, lora_lr: float | None = None, lora_rank: int | None = None,
-          pooling: str | None = None, resume: bool = False, overwrite: bool = False, dtype: str = "float32",
-          device: str | None = None, progress: bool = True) -> FirstSkipModel:
+          pooling: str | None = None, prefixes: float | None = None, resume: bool = False, overwrite: bool = False,
+          dtype: str = "float32", device: str | None = None, progress: bool = True) -> FirstSkipModel:
     """Train routers (and LoRA) on one or more datasets into the run folder ``out``.
 
     Args:
@@ -50,7 +50,7 @@ def train(model: str, data: Sequence[str], out: str | os.PathLike, *, skip_targe
         lam: λ mode: weight of the mean keep-probability (default 0.01 when no target is given).
         lora: run phase 2 (LoRA under the learned skip sets) after the routers.
         merge: save the adapter merged into the weights as well (needs ``lora``).
-        max_steps: optimizer steps per phase (default: the settings' own, 60 and 30).
+        max_steps: optimizer steps per phase (default: the settings' own, 120 and 30).
         epochs: passes over the data instead of a number of steps.
         lr: routers' learning rate (LoRA's is ``lora_lr``).
         batch_size: examples per step, over all processes.
@@ -62,6 +62,8 @@ def train(model: str, data: Sequence[str], out: str | os.PathLike, *, skip_targe
         lora_lr: LoRA learning rate; lora_rank: LoRA rank.
         pooling: how routers pool the prompt, ``mean``, ``mean-all`` or ``last`` (default: ``mean``,
             see `RouterBank.keep_probability`); a resumed run keeps its own.
+        prefixes: share of phase-1 rows whose routers read a random start of the prompt only
+            (`RouterTraining.prefixes`).
         resume: go on from the run's last checkpoint and skip finished phases.
         overwrite: replace an existing run in ``out``.
         dtype: base model dtype; device: where it runs (default: accelerate's choice for this process).
@@ -73,8 +75,8 @@ def train(model: str, data: Sequence[str], out: str | os.PathLike, *, skip_targe
     if max_steps is not None and epochs is not None:
         raise FirstSkipError("give --max-steps or --epochs, not both")
     length = {"steps": None, "epochs": epochs} if epochs is not None else _given(steps=max_steps)
-    routers_settings = RouterTraining(**length, **_given(lr=lr, lam=lam), batch_size=batch_size, seed=seed,
-                                      skip_target=skip_target)
+    routers_settings = RouterTraining(**length, **_given(lr=lr, lam=lam, prefixes=prefixes), batch_size=batch_size,
+                                      seed=seed, skip_target=skip_target)
     lora_length = _given(steps=lora_steps) or length
     lora_settings = LoraTraining(**lora_length, **_given(lr=lora_lr, rank=lora_rank), batch_size=batch_size, seed=seed)
     held_out, examples = split_examples(data, seed, holdout if skip_target is not None else 0, limit)
