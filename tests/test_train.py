@@ -371,6 +371,9 @@ def test_recipe_runs_both_phases_and_refuses_to_overwrite(text_tiny, tmp_path):
     assert config.threshold == fsm.config.threshold and {"routers", "lora"} <= set(config.training)
     with pytest.raises(FirstSkipError, match="--resume .* --overwrite"):
         train(TINY, text_tiny, tmp_path, **options)
+    with pytest.raises(FirstSkipError, match="prefixes"):  # a bad setting fails before --overwrite removes anything
+        train(TINY, text_tiny, tmp_path, **options, prefixes=1.5, overwrite=True)
+    assert artifacts.load_config(tmp_path).threshold == config.threshold
     again = train(TINY, text_tiny, tmp_path, **options, resume=True)  # finished: nothing runs again
     assert again.config.threshold == config.threshold and len(log(tmp_path, "routers")) == 2
     train(TINY, text_tiny, tmp_path, **{**options, "lora": False, "merge": False}, overwrite=True)

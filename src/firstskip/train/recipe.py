@@ -71,7 +71,6 @@ def train(model: str, data: Sequence[str], out: str | os.PathLike, *, skip_targe
     """
     _check_args(data, skip_target, lam, merge, lora, resume, overwrite)
     out = Path(out)
-    _prepare_out(out, resume, overwrite)
     if max_steps is not None and epochs is not None:
         raise FirstSkipError("give --max-steps or --epochs, not both")
     length = {"steps": None, "epochs": epochs} if epochs is not None else _given(steps=max_steps)
@@ -79,6 +78,7 @@ def train(model: str, data: Sequence[str], out: str | os.PathLike, *, skip_targe
                                       seed=seed, skip_target=skip_target)
     lora_length = _given(steps=lora_steps) or length
     lora_settings = LoraTraining(**lora_length, **_given(lr=lora_lr, rank=lora_rank), batch_size=batch_size, seed=seed)
+    _prepare_out(out, resume, overwrite)  # only once every setting is valid: --overwrite must not lose a run to a typo
     held_out, examples = split_examples(data, seed, holdout if skip_target is not None else 0, limit)
     fsm = _load(model, out, resume, seed, dtype, device, **_given(router_pooling=pooling))
     if fsm.tokenizer is None:
