@@ -220,6 +220,10 @@ def test_killed_then_resumed_equals_uninterrupted(data, tmp_path, monkeypatch):
     changed = RouterTraining(**{**dataclasses.asdict(settings), "lr": 2e-2})
     with pytest.raises(FirstSkipError, match="'lr'"):
         train_routers(fresh(), data["train"], tmp_path / "other", changed, resume=True, progress=False)
+    # ... and with the model config that wrote it: these router weights were trained to pool otherwise.
+    other_pooling = FirstSkipModel.from_base(TINY, router_pooling="last")
+    with pytest.raises(FirstSkipError, match="'router_pooling'"):
+        train_routers(other_pooling, data["train"], tmp_path / "other", settings, resume=True, progress=False)
 
 
 def test_two_processes_agree_with_one(text_tiny, tmp_path):

@@ -104,10 +104,14 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
 
 
 def run_loop(objective: nn.Module, data: Encoded, settings: LoopSettings, run_dir: str | os.PathLike,
-             phase: str, resume: bool, progress: bool = True) -> dict[str, Any] | None:
+             phase: str, resume: bool, progress: bool = True, model_config: dict[str, Any] | None = None
+             ) -> dict[str, Any] | None:
     """Train the parameters of ``objective`` that require grad; the last step's summary.
 
-    Checkpoints go to ``run_dir/checkpoint`` every ``settings.checkpoint_every`` steps.
+    Checkpoints go to ``run_dir/checkpoint`` every ``settings.checkpoint_every`` steps. A checkpoint
+    resumes only with the settings, data and ``model_config`` (the run's config as a dict) that
+    wrote it: the same trainable weights under another router pooling or base model would train on
+    silently as something else.
 
     ``objective(batch, info)`` returns ``(loss, stats)``: the loss of its rows (sums divided by the
     global counts in ``info``) and a dict of summed statistics that its ``summarize(stats, info)``
@@ -126,8 +130,8 @@ def run_loop(objective: nn.Module, data: Encoded, settings: LoopSettings, run_di
     named = [(name, p) for name, p in objective.named_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW([p for _, p in named], lr=settings.lr, weight_decay=settings.weight_decay)
     total = settings.total_steps(len(data))
-    fingerprint = _data_fingerprint(data)
-    start = _load_checkpoint(run_dir, phase, settings, fingerprint, named, optimizer) if resume else 0
+    identity = {"data": _data_fingerprint(data), "model_config": _jsonish(model_config)}
+    start = _load_checkpoint(run_dir, phase, settings, identity, named, optimizer) if resume else 0
     model, optimizer = accelerator.prepare(objective, optimizer)
     log = _Log(run_dir / LOG_NAME, phase, start, enabled=accelerator.is_main_process)
     bar = tqdm(total=total, initial=start, desc=phase, disable=not (progress and accelerator.is_main_process),
@@ -156,7 +160,7 @@ def run_loop(objective: nn.Module, data: Encoded, settings: LoopSettings, run_di
             done = step + 1
             if settings.checkpoint_every and done % settings.checkpoint_every == 0 and done < total:
                 if accelerator.is_main_process:
-                    _save_checkpoint(run_dir, phase, done, settings, fingerprint, named, optimizer)
+                    _save_checkpoint(run_dir, phase, done, settings, identity, named, optimizer)
                 accelerator.wait_for_everyone()
             _after_step(done)
     bar.close()
@@ -196,7 +200,7 @@ def _after_step(step: int) -> None:
 
 # -- checkpoints: one safetensors file per step, and state.json (written last) pointing to it --------
 
-def _save_checkpoint(run_dir: Path, phase: str, step: int, settings: LoopSettings, fingerprint: str,
+def _save_checkpoint(run_dir: Path, phase: str, step: int, settings: LoopSettings, identity: dict[str, Any],
                      named: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer) -> None:
     folder = run_dir / CHECKPOINT_DIR
     opt_state = optimizer.state_dict()
@@ -212,14 +216,14 @@ def _save_checkpoint(run_dir: Path, phase: str, step: int, settings: LoopSetting
     artifacts.write_tensors(folder / file, tensors, {"format": "pt", "step": str(step)})
     artifacts.write_json(folder / "state.json", {
         "phase": phase, "step": step, "file": file, "settings": dataclasses.asdict(settings),
-        "data": fingerprint, "param_groups": opt_state["param_groups"], "optim_scalars": scalars,
+        **identity, "param_groups": opt_state["param_groups"], "optim_scalars": scalars,
     })
     for old in folder.glob("step-*.safetensors"):  # only now is the new file the one state.json names
         if old.name != file:
             old.unlink()
 
 
-def _load_checkpoint(run_dir: Path, phase: str, settings: LoopSettings, fingerprint: str,
+def _load_checkpoint(run_dir: Path, phase: str, settings: LoopSettings, identity: dict[str, Any],
                      named: list[tuple[str, nn.Parameter]], optimizer: torch.optim.Optimizer) -> int:
     """Restore weights and optimizer from the last checkpoint of ``phase``; the step to go on from."""
     folder = run_dir / CHECKPOINT_DIR
@@ -229,13 +233,10 @@ def _load_checkpoint(run_dir: Path, phase: str, settings: LoopSettings, fingerpr
     state = json.loads(state_path.read_text(encoding="utf-8"))
     if state["phase"] != phase:
         return 0
-    saved = state["settings"]
-    changed = sorted(k for k, v in dataclasses.asdict(settings).items() if _jsonish(v) != saved.get(k))
-    if changed:
-        raise FirstSkipError(f"cannot resume {run_dir}: settings {changed} differ from the checkpoint's "
-                             f"({', '.join(f'{k}={saved.get(k)!r}' for k in changed)}); use the same settings "
-                             "or --overwrite to start again")
-    if state["data"] != fingerprint:
+    _refuse_changes(run_dir, "settings", dataclasses.asdict(settings), state["settings"])
+    if state.get("model_config") is not None:  # checkpoints written before it was recorded have none
+        _refuse_changes(run_dir, "model config fields", identity["model_config"] or {}, state["model_config"])
+    if state["data"] != identity["data"]:
         raise FirstSkipError(f"cannot resume {run_dir}: the training data differ from the checkpoint's; use the "
                              "same --data, --limit, --max-length and --seed, or --overwrite to start again")
     tensors = load_file(folder / state["file"])
@@ -251,6 +252,14 @@ def _load_checkpoint(run_dir: Path, phase: str, settings: LoopSettings, fingerpr
         opt_state["state"].setdefault(int(index), {}).update(values)
     optimizer.load_state_dict(opt_state)
     return int(state["step"])
+
+
+def _refuse_changes(run_dir: Path, what: str, now: dict[str, Any], saved: dict[str, Any]) -> None:
+    changed = sorted(k for k in now.keys() | saved.keys() if _jsonish(now.get(k)) != saved.get(k))
+    if changed:
+        raise FirstSkipError(f"cannot resume {run_dir}: {what} {changed} differ from the checkpoint's "
+                             f"({', '.join(f'{k}={saved.get(k)!r}' for k in changed)}); use the same ones "
+                             "or --overwrite to start again")
 
 
 def _jsonish(value: Any) -> Any:

@@ -197,7 +197,8 @@ def train_routers(fsm: FirstSkipModel, data: Encoded, run_dir: str | os.PathLike
     skippable = set(fsm.config.skippable)
     for index, router in enumerate(fsm.routers.routers):
         router.requires_grad_(index in skippable)  # protected layers' routers are never asked
-    summary = run_loop(RouterObjective(fsm, settings), data, settings, run_dir, "routers", resume, progress)
+    summary = run_loop(RouterObjective(fsm, settings), data, settings, run_dir, "routers", resume, progress,
+                       model_config=dataclasses.asdict(fsm.config))
     fsm.routers.requires_grad_(False)
     record = {**dataclasses.asdict(settings), "examples": len(data), "steps": settings.total_steps(len(data)),
               "final": _final(summary)}
@@ -296,7 +297,8 @@ def train_lora(fsm: FirstSkipModel, data: Encoded, run_dir: str | os.PathLike,
     base_fingerprint = fsm.config.fingerprint
     peft_model = add_lora(fsm.model, settings)
     peft_model.train()
-    summary = run_loop(LoraObjective(fsm, peft_model, settings), data, settings, run_dir, "lora", resume, progress)
+    summary = run_loop(LoraObjective(fsm, peft_model, settings), data, settings, run_dir, "lora", resume, progress,
+                       model_config=dataclasses.asdict(fsm.config))
     peft_model.eval()
     run_dir = Path(run_dir)
     on_main(lambda: artifacts.atomic_dir(run_dir / artifacts.ADAPTER_DIR, peft_model.save_pretrained))
