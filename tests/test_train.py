@@ -384,6 +384,28 @@ def test_recipe_runs_both_phases_and_refuses_to_overwrite(text_tiny, tmp_path):
     assert not (tmp_path / "model").exists() and artifacts.load_config(tmp_path).lora is None
 
 
+def test_recipe_killed_in_lora_resumes_from_its_checkpoint(text_tiny, tmp_path, monkeypatch):
+    """The resumed process loads the run from disk; its config must match the one the checkpoint
+    was written under (in memory, after the first calibration), or --resume would refuse."""
+    options = dict(skip_target=0.25, lora=True, max_steps=4, batch_size=4, limit=8, holdout=6, max_length=48,
+                   progress=False)
+    monkeypatch.setattr(recipe, "LoraTraining", lambda **kw: LoraTraining(**kw, checkpoint_every=2))
+    train(TINY, text_tiny, tmp_path / "whole", **options)
+
+    def kill(step: int) -> None:
+        if step == 3 and (tmp_path / "killed" / "checkpoint/state.json").is_file():
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "_after_step", kill)
+    with pytest.raises(KeyboardInterrupt):
+        train(TINY, text_tiny, tmp_path / "killed", **options)
+    assert json.loads((tmp_path / "killed/checkpoint/state.json").read_text())["phase"] == "lora"
+    monkeypatch.setattr(loop, "_after_step", lambda step: None)
+    train(TINY, text_tiny, tmp_path / "killed", **options, resume=True)
+    a, b = (load_file(tmp_path / run / "adapter" / "adapter_model.safetensors") for run in ("whole", "killed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("crash_at", [1, 2])
 def test_recipe_resumes_after_a_crash_around_calibration(text_tiny, tmp_path, monkeypatch, crash_at):
     """Killed before the first (after phase 1) or the second (after LoRA) calibration, --resume does it."""
