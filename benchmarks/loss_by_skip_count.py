@@ -9,7 +9,9 @@ per-item score of --method minus --against, and that group's share of the whole 
 difference over all items). Per-item scores are firstskip.metrics.score_items' (sentence-level).
 Last, the items on which --method ran to max_new_tokens (a repetition loop, for a summary) and
 their share of the gap, and how --method's skip count follows prompt length (the correlation, and
-the mean count of prompts under 150 and over 300 tokens).
+the mean count of prompts under 150 and over 300 tokens). Then the items on which --method stopped
+early (under half of --against's words) and their share, and per layer skipped by at least
+--min-items items: the mean difference of the items that skip it and of the others.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ def main() -> None:
     ap.add_argument("--method", default="first")
     ap.add_argument("--against", default="lora-only")
     ap.add_argument("--bin", type=int, default=3, help="layers per group")
+    ap.add_argument("--min-items", type=int, default=10, help="list a layer only if this many items skip it")
     args = ap.parse_args()
     ds = load_dataset(args.data, args.limit)
     metric = primary_metric(ds.task)
@@ -67,6 +70,19 @@ def main() -> None:
     print(f"skip count vs prompt tokens: correlation {statistics.correlation(counts, lengths):+.2f}; "
           f"prompts under 150 tokens skip {_mean(short):.1f} layers ({len(short)}), "
           f"over 300 tokens {_mean(long):.1f} ({len(long)})")
+    diffs = [a - b for a, b in zip(scores[args.method], scores[args.against])]
+    words = {name: [len(r["prediction"].split()) for r in rs] for name, rs in records.items()}
+    early = [d for d, m, o in zip(diffs, words[args.method], words[args.against]) if 2 * m < o]
+    print(f"{args.method} stopped at under half of {args.against}'s words on {len(early)} items; "
+          f"they contribute {sum(early) / n:+.2f}")
+    print("| layer | items skipping it | their mean difference | the other items' |")
+    print("|---|---|---|---|")
+    for layer in sorted({l for r in records[args.method] for l in r["skipped"]}):
+        hit = [layer in r["skipped"] for r in records[args.method]]
+        if sum(hit) >= args.min_items:
+            others = [d for d, h in zip(diffs, hit) if not h]
+            print(f"| {layer} | {sum(hit)} | {_mean([d for d, h in zip(diffs, hit) if h]):+.1f} | "
+                  f"{f'{_mean(others):+.1f}' if others else '-'} |")
 
 
 def _mean(values: list[int]) -> float:
