@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+import firstskip.train
 from firstskip import artifacts, models
 from firstskip.cli import app
 from firstskip.data import collate
@@ -444,11 +445,15 @@ def test_train_command_errors_are_one_line(text_tiny, tmp_path, args, message):
     assert "\n" not in str(result.exception)
 
 
-def test_calibrate_command_stores_the_threshold(text_tiny, tmp_path):
-    train(TINY, text_tiny, tmp_path, max_steps=2, batch_size=4, limit=8, max_length=48, progress=False)
+def test_calibrate_command_stores_the_threshold(text_tiny, tmp_path, monkeypatch):
+    train(TINY, text_tiny, tmp_path, max_steps=2, batch_size=4, limit=8, max_length=48, seed=3, progress=False)
+    seeds = []
+    monkeypatch.setattr(firstskip.train, "held_out_examples",
+                        lambda *args: seeds.append(args[2]) or recipe.held_out_examples(*args))
     result = CliRunner().invoke(app, ["calibrate", "--run", str(tmp_path), "--data", text_tiny[0],
                                       "--data", text_tiny[1], "--skip-target", "0.5", "--limit", "8"])
     assert result.exit_code == 0, result.output
     reply = json.loads(result.output.strip().splitlines()[-1])
     assert reply["examples"] == 16 and reply["skip_ratio"] == pytest.approx(0.5, abs=0.02)
     assert artifacts.load_config(tmp_path).threshold == reply["threshold"]
+    assert seeds == [3]  # the run's own seed: the examples `train` held out, not training examples

@@ -347,14 +347,18 @@ def calibrate(
     limit: Annotated[Optional[int], typer.Option(help="Examples per dataset: the first of a seeded shuffle (with "
                                                  "the training seed and the default, exactly those `train` held out).")] = None,
     split: Annotated[str, typer.Option(help="Which split to read.")] = "train",
-    seed: Annotated[int, typer.Option(help="Seed of the shuffle.")] = 0,
+    seed: Annotated[Optional[int], typer.Option(
+        help="Seed of the shuffle (default: the run's training seed).")] = None,
 ) -> None:
     """Choose the skip threshold on held-out data and store it in the run."""
     import dataclasses
 
+    from firstskip import artifacts
     from firstskip.train import calibrate as calibrate_run
     from firstskip.train import held_out_examples
 
+    if seed is None:  # a run trained with --seed 1 held out the first examples of *that* shuffle
+        seed = artifacts.load_config(run).training.get("routers", {}).get("seed", 0)
     result = calibrate_run(run, held_out_examples(data, limit, seed, split), skip_target, max_drop)
     typer.echo(json.dumps(dataclasses.asdict(result)))
 
