@@ -258,8 +258,12 @@ def _refuse_changes(run_dir: Path, what: str, now: dict[str, Any], saved: dict[s
     changed = sorted(k for k in now.keys() | saved.keys() if _jsonish(now.get(k)) != saved.get(k))
     if changed:
         raise FirstSkipError(f"cannot resume {run_dir}: {what} {changed} differ from the checkpoint's "
-                             f"({', '.join(f'{k}={saved.get(k)!r}' for k in changed)}); use the same ones "
+                             f"({', '.join(f'{k}={_shorten(repr(saved.get(k)))}' for k in changed)}); use the same ones "
                              "or --overwrite to start again")
+
+
+def _shorten(text: str, width: int = 60) -> str:
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def _jsonish(value: Any) -> Any:
