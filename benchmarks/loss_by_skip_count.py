@@ -47,9 +47,10 @@ def main() -> None:
         records[name] = [store[e.id] for e in ds.examples]
     scores = {name: score_items(ds.task, [r["prediction"] for r in rs], refs, [e.choices for e in ds.examples])[metric]
               for name, rs in records.items()}
+    diffs = [a - b for a, b in zip(scores[args.method], scores[args.against])]
     groups: dict[int, list[float]] = {}
-    for r, a, b in zip(records[args.method], scores[args.method], scores[args.against]):
-        groups.setdefault(len(r["skipped"]) // args.bin, []).append(a - b)
+    for r, d in zip(records[args.method], diffs):
+        groups.setdefault(len(r["skipped"]) // args.bin, []).append(d)
     n = len(ds.examples)
     print(f"{ds.name}, {n} items, {metric}: {args.method} {statistics.fmean(scores[args.method]):.1f}, "
           f"{args.against} {statistics.fmean(scores[args.against]):.1f}")
@@ -59,8 +60,7 @@ def main() -> None:
         d = groups[g]
         print(f"| {g * args.bin}-{g * args.bin + args.bin - 1} | {len(d)} | {statistics.fmean(d):+.1f} | "
               f"{sum(d) / n:+.2f} |")
-    cut = [a - b for r, a, b in zip(records[args.method], scores[args.method], scores[args.against])
-           if r["finish"] == "length"]
+    cut = [d for r, d in zip(records[args.method], diffs) if r["finish"] == "length"]
     print(f"{args.method} ran to max_new_tokens on {len(cut)} items ({args.against}: "
           f"{sum(r['finish'] == 'length' for r in records[args.against])}); they contribute {sum(cut) / n:+.2f}")
     counts = [len(r["skipped"]) for r in records[args.method]]
@@ -70,7 +70,6 @@ def main() -> None:
     print(f"skip count vs prompt tokens: correlation {statistics.correlation(counts, lengths):+.2f}; "
           f"prompts under 150 tokens skip {_mean(short):.1f} layers ({len(short)}), "
           f"over 300 tokens {_mean(long):.1f} ({len(long)})")
-    diffs = [a - b for a, b in zip(scores[args.method], scores[args.against])]
     words = {name: [len(r["prediction"].split()) for r in rs] for name, rs in records.items()}
     early = [d for d, m, o in zip(diffs, words[args.method], words[args.against]) if 2 * m < o]
     print(f"{args.method} stopped at under half of {args.against}'s words on {len(early)} items; "

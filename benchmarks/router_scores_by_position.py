@@ -18,6 +18,7 @@ import torch
 from firstskip.data import encode_prompt
 from firstskip.evaluate.runner import load_dataset
 from firstskip.modeling import FirstSkipModel
+from firstskip.routers import inner_mask
 
 EDGES = [0, 40, 80, 160, 320]
 
@@ -42,7 +43,8 @@ def main() -> None:
                 hidden = fsm.model(input_ids=torch.tensor([ids]), output_hidden_states=True,
                                    logits_to_keep=1).hidden_states
                 scores = torch.stack([torch.sigmoid(fsm.routers.routers[l](hidden[l]))[0] for l in layers]).mean(0)
-            for index, score in enumerate(scores[head:len(ids) - tail].tolist()):
+            pooled = inner_mask(torch.ones(1, len(ids), dtype=torch.bool), head, tail)[0]
+            for index, score in enumerate(scores[pooled].tolist()):
                 groups[sum(index >= e for e in EDGES) - 1].append(score)
         print(f"| {ds.name} | " + " | ".join(f"{statistics.fmean(g):.3f} ({len(g)})" if g else "-"
                                            for g in groups) + " |")
