@@ -115,7 +115,7 @@ def test_two_piece_pass_equals_one_piece(model_type: str):
         fsm.routers.pooling, (fsm.routers.head, fsm.routers.tail) = pooling, template  # in one piece, left in two
         logits, labels, probs = gated_forward(fsm.model, fsm.engine.controller, batch, soft)
         one = response_ce(logits, labels)
-        two, probs2 = prompt_then_response(fsm.model, fsm.engine.controller, fsm.routers, batch, lambda probs: soft)
+        two, probs2, _ = prompt_then_response(fsm.model, fsm.engine.controller, fsm.routers, batch, lambda probs: soft)
         two = two.sum()
         params = [p for p in fsm.routers.parameters()]
         grads = torch.autograd.grad(one, params, allow_unused=True), torch.autograd.grad(two, params, allow_unused=True)
@@ -124,6 +124,29 @@ def test_two_piece_pass_equals_one_piece(model_type: str):
         for a, b in zip(*grads):
             if a is not None:
                 torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4)
+
+
+def test_distillation_is_the_kl_from_the_model_with_every_layer():
+    """The two-piece pass's KL term is KL(every layer || gated) of the one-piece passes, and asking for
+    it leaves the CE and the keep-probabilities as they were (the teacher's cache entries are dropped)."""
+    fsm = FirstSkipModel.from_base(TINY)
+    torch.manual_seed(0)
+    for router in fsm.routers.routers:
+        torch.nn.init.normal_(router.down.weight, std=0.5)
+    gen = torch.Generator().manual_seed(1)
+    batch = collate([(torch.randint(3, 250, (p + r,), generator=gen).tolist(), p) for p, r in [(6, 4), (9, 2)]], 0)
+    half = lambda layer, p: p * (layer % 2)  # noqa: E731  (odd layers gated by p, even ones skipped)
+    controller = fsm.engine.controller
+    student, labels, _ = gated_forward(fsm.model, controller, batch, half)
+    teacher, _, _ = gated_forward(fsm.model, controller, batch, lambda layer, p: torch.ones_like(p))
+    ce, probs, kl = prompt_then_response(fsm.model, controller, fsm.routers, batch, lambda probs: half, distill=True)
+    plain_ce, plain_probs, none = prompt_then_response(fsm.model, controller, fsm.routers, batch, lambda probs: half)
+    expected = torch.nn.functional.kl_div(student.log_softmax(-1), teacher.log_softmax(-1), log_target=True,
+                                          reduction="none").sum(-1)
+    torch.testing.assert_close(kl, (expected * (labels != -100)).sum(-1), atol=1e-4, rtol=1e-4)
+    assert none is None and bool((kl > 0).all())
+    torch.testing.assert_close(ce, plain_ce, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(probs, plain_probs)
 
 
 # -- phase 1 ---------------------------------------------------------------------------------------
@@ -140,7 +163,7 @@ def test_a_prefix_share_scores_the_prompt_cut_there(pooling: str):
     gen = torch.Generator().manual_seed(0)
     rows = [(torch.randint(3, 250, (p + r,), generator=gen).tolist(), p) for p, r in [(9, 3), (14, 6), (7, 2)]]
     share = torch.tensor([0.5, 0.3, 1.0])
-    _, probs = prompt_then_response(fsm.model, fsm.engine.controller, fsm.routers, collate(rows, pad_id=0),
+    _, probs, _ = prompt_then_response(fsm.model, fsm.engine.controller, fsm.routers, collate(rows, pad_id=0),
                                     lambda probs: (lambda layer, p: p), share)
     cut = []
     for (ids, p), s in zip(rows, share.tolist()):
@@ -437,6 +460,7 @@ def test_recipe_resumes_after_a_crash_around_calibration(text_tiny, tmp_path, mo
     (["--skip-target", "0.9"], "skippable"),
     (["--pooling", "max"], "pooling"),
     (["--prefixes", "1.5"], "prefixes"),
+    (["--distill", "-1"], "distill"),
 ])
 def test_train_command_errors_are_one_line(text_tiny, tmp_path, args, message):
     result = CliRunner().invoke(app, ["train", "-m", TINY, "--data", text_tiny[1], "--out", str(tmp_path / "r"),

@@ -314,6 +314,9 @@ def train(
     prefixes: Annotated[Optional[float], typer.Option(
         help="Share of training rows whose routers read only a random start of the prompt, so that a "
              "short prompt is not taken for a cheap one.")] = None,
+    distill: Annotated[Optional[float], typer.Option(
+        help="Weight of the routers' distillation term: KL from the base model with every layer to the "
+             "skipping one, added to the cross-entropy on the references (0: none).")] = None,
     resume: Annotated[bool, typer.Option(help="Go on from the run's last checkpoint; finished phases are kept.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out.")] = False,
     threads: ThreadsOpt = None,
@@ -327,7 +330,7 @@ def train(
     options = dict(skip_target=skip_target, lam=lam, max_steps=max_steps, epochs=epochs, lr=lr, batch_size=batch_size,
                    seed=seed, limit=limit, max_length=max_length, holdout=holdout, lora_steps=lora_steps,
                    lora_lr=lora_lr, lora_rank=lora_rank, device=device, pooling=pooling,
-                   prefixes=prefixes)
+                   prefixes=prefixes, distill=distill)
     fsm = train_run(model, data, out, lora=lora, merge=merge, resume=resume, overwrite=overwrite, dtype=dtype,
                     **{k: v for k, v in options.items() if v is not None})
     typer.echo(json.dumps({"run": str(out), "threshold": fsm.config.threshold,

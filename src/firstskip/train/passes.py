@@ -38,14 +38,16 @@ def gated_forward(model: nn.Module, controller: SkipController, batch: Batch,
 
 
 def prompt_then_response(model: nn.Module, controller: SkipController, routers: RouterBank, batch: Batch,
-                         make_gate: Callable[[torch.Tensor], GateFn],
-                         share: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(response CE summed per row [B], probs [B, L])`` as `gated_forward` gives them, far cheaper to
-    differentiate.
+                         make_gate: Callable[[torch.Tensor], GateFn], share: torch.Tensor | None = None,
+                         distill: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(response CE summed per row [B], probs [B, L], KL summed per row [B] or None)``: the CE and probs
+    as `gated_forward` gives them, far cheaper to differentiate.
 
     ``make_gate(probs)`` returns the gate function once all keep-probabilities are known (a gate may
     depend on all of them, e.g. a threshold that meets a skip target on the batch). ``share`` [B]:
-    the routers pool only that share of each prompt (`RouterBank.keep_probability`).
+    the routers pool only that share of each prompt (`RouterBank.keep_probability`). ``distill``:
+    also KL(ungated || gated) of the response positions' next-token distributions (the teacher is the
+    same frozen model with every layer, run on the cached prompt first).
 
     For a frozen base, prompt tokens never pass a gate, so their states and keys/values do not
     depend on the routers: the prompt runs once without autograd (a prefill into a KV cache that
@@ -62,12 +64,19 @@ def prompt_then_response(model: nn.Module, controller: SkipController, routers: 
                          for layer in range(len(out.hidden_states) - 1)], dim=-1)
     ce_first = response_ce(out.logits, first_labels[:, None], per_row=True)  # from the prompt: no gradient
     steps = torch.arange(1, response_ids.shape[1] + 1, device=positions.device)
+    response = {"input_ids": response_ids, "attention_mask": torch.cat([prompt_mask, response_mask], -1).long(),
+                "position_ids": positions[:, -1:] + steps, "past_key_values": cache, "use_cache": True}
+    teacher = None
+    if distill:
+        with torch.no_grad():
+            teacher = model(**response).logits
+        cache.crop(-response_ids.shape[1])
     gate_fn = make_gate(probs)
     with controller.mode_ctx("train", prompt_mask=torch.zeros_like(response_mask),
                              gate_fn=lambda layer, _: gate_fn(layer, probs[:, layer])):
-        logits = model(input_ids=response_ids, attention_mask=torch.cat([prompt_mask, response_mask], -1).long(),
-                       position_ids=positions[:, -1:] + steps, past_key_values=cache, use_cache=True).logits
-    return ce_first + response_ce(logits, labels, per_row=True), probs
+        logits = model(**response).logits
+    kl = None if teacher is None else response_kl(logits, teacher, labels)
+    return ce_first + response_ce(logits, labels, per_row=True), probs, kl
 
 
 def _split_rows(batch: Batch) -> tuple[torch.Tensor, ...]:
@@ -99,6 +108,13 @@ def response_ce(logits: torch.Tensor, labels: torch.Tensor, per_row: bool = Fals
     """Cross-entropy summed over response tokens (labels are already shifted), or per row [B]."""
     losses = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="none")
     return losses.view(labels.shape).sum(-1) if per_row else losses.sum()
+
+
+def response_kl(logits: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) summed over each row's labelled positions [B]."""
+    kl = F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(teacher.float(), -1), reduction="none",
+                  log_target=True).sum(-1)
+    return (kl * (labels != -100)).sum(-1)
 
 
 def hard_gate(skip: torch.Tensor) -> GateFn:

@@ -54,6 +54,9 @@ class RouterTraining(LoopSettings):
     ``min_prefix`` and all of it), as if the prompt ended there, while the response is the whole
     prompt's. Routers otherwise learn that short prompts are cheap to skip (short yes/no prompts are)
     and skip short summarisation prompts most, where it costs most (docs/training.md).
+    ``distill``: the weight of KL(the frozen model with every layer || the gated one) per response
+    token, added to the fit term. The CE sees only the reference token's probability; the KL sees the
+    whole next-token distribution a skipped layer moves, which greedy decoding follows (docs/training.md).
     """
 
     steps: int | None = 120
@@ -67,11 +70,12 @@ class RouterTraining(LoopSettings):
     per_example: bool = False  # fit = mean over rows of each row's mean token loss (else: mean over tokens)
     prefixes: float = 0.5
     min_prefix: float = 0.1  # of the prompt's pooled tokens
+    distill: float = 1.0  # weight of KL(base with every layer || gated) per response token, added to the CE
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.lam < 0 or self.target_weight < 0 or self.polarize < 0:
-            raise FirstSkipError("lam, target_weight and polarize must be >= 0")
+        if min(self.lam, self.target_weight, self.polarize, self.distill) < 0:
+            raise FirstSkipError("lam, target_weight, polarize and distill must be >= 0")
         if self.skip_target is not None and not 0 <= self.skip_target < 1:
             raise FirstSkipError(f"skip target must lie in [0, 1), got {self.skip_target}")
         if not 0 <= self.prefixes <= 1 or not 0 < self.min_prefix <= 1:
@@ -109,9 +113,11 @@ class RouterObjective(nn.Module):
         return self.settings.hard_from is not None and info.step >= self.settings.hard_from * info.total
 
     def forward(self, batch: Batch, info: StepInfo) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        ce, probs = prompt_then_response(self.model, self.controller, self.routers, batch,
-                                         lambda probs: self._gate(probs, info), self._shares(info))
-        per_example = ce / (batch.labels != -100).sum(-1)  # each row's mean loss per response token
+        ce, probs, kl = prompt_then_response(self.model, self.controller, self.routers, batch,
+                                             lambda probs: self._gate(probs, info), self._shares(info),
+                                             self.settings.distill > 0)
+        fit_rows = ce if kl is None else ce + self.settings.distill * kl
+        tokens = (batch.labels != -100).sum(-1)
         p = probs[:, self.skippable]
         count = info.rows * len(self.skippable)  # global: sums over rows and layers divide by this
         keep_sum, polar_sum = p.sum(), (p * (1 - p)).sum()
@@ -122,9 +128,12 @@ class RouterObjective(nn.Module):
             # this term has exactly that gradient on every process.
             mean = info.reduce(keep_sum.detach()) / count
             reg = 2 * self.settings.target_weight * (mean - self.target) * keep_sum / count
-        fit = per_example.sum() / info.rows if self.settings.per_example else ce.sum() / info.tokens
+        # per_example: each row's mean loss per response token, then the mean over rows
+        fit = (fit_rows / tokens).sum() / info.rows if self.settings.per_example else fit_rows.sum() / info.tokens
         loss = fit + reg + self.settings.polarize * polar_sum / count
-        stats = {"ce": ce.detach().sum(), "ce_example": per_example.detach().sum(), "keep": probs.detach().sum(0),
+        kl = torch.zeros_like(ce) if kl is None else kl.detach()
+        stats = {"ce": ce.detach().sum(), "kl": kl.sum(), "ce_example": (ce.detach() / tokens).sum(),
+                 "kl_example": (kl / tokens).sum(), "keep": probs.detach().sum(0),
                  "polar": polar_sum.detach(),
                  "skipped": (p.detach() < self.config.threshold).sum().float()}
         return loss, stats
@@ -155,15 +164,17 @@ class RouterObjective(nn.Module):
     def summarize(self, stats: dict[str, torch.Tensor], info: StepInfo) -> dict[str, Any]:
         per_layer = stats["keep"] / info.rows
         keep = float(per_layer[self.skippable].mean())
-        ce, ce_example = float(stats["ce"]) / info.tokens, float(stats["ce_example"]) / info.rows
-        fit = ce_example if self.settings.per_example else ce
+        ce, kl = (float(stats[key]) / info.tokens for key in ("ce", "kl"))
+        ce_example, kl_example = (float(stats[key]) / info.rows for key in ("ce_example", "kl_example"))
+        weight = self.settings.distill
+        fit = ce_example + weight * kl_example if self.settings.per_example else ce + weight * kl
         if self.target is None:
             reg = self.settings.lam * keep
         else:
             reg = self.settings.target_weight * (keep - self.target) ** 2
         reg += self.settings.polarize * float(stats["polar"]) / (info.rows * len(self.skippable))
         summary = {"loss": round(fit + reg, 5), "ce": round(ce, 5), "ce_example": round(ce_example, 5),
-                   "reg": round(reg, 5), "keep": round(keep, 4),
+                   **({"kl": round(kl, 5)} if weight else {}), "reg": round(reg, 5), "keep": round(keep, 4),
                    "skip": round(float(stats["skipped"]) / (info.rows * self.config.num_layers), 4),
                    "hard": self.hard(info)}
         if self._tau is not None:

@@ -38,8 +38,9 @@ def train(model: str, data: Sequence[str], out: str | os.PathLike, *, skip_targe
           epochs: float | None = None, lr: float | None = None, batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0,
           limit: int | None = None, max_length: int = DEFAULT_MAX_LENGTH, holdout: int = DEFAULT_HOLDOUT,
           lora_steps: int | None = None, lora_lr: float | None = None, lora_rank: int | None = None,
-          pooling: str | None = None, prefixes: float | None = None, resume: bool = False, overwrite: bool = False,
-          dtype: str = "float32", device: str | None = None, progress: bool = True) -> FirstSkipModel:
+          pooling: str | None = None, prefixes: float | None = None, distill: float | None = None,
+          resume: bool = False, overwrite: bool = False, dtype: str = "float32", device: str | None = None,
+          progress: bool = True) -> FirstSkipModel:
     """Train routers (and LoRA) on one or more datasets into the run folder ``out``.
 
     Args:
@@ -64,6 +65,7 @@ def train(model: str, data: Sequence[str], out: str | os.PathLike, *, skip_targe
             see `RouterBank.keep_probability`); a resumed run keeps its own.
         prefixes: share of phase-1 rows whose routers read a random start of the prompt only
             (`RouterTraining.prefixes`).
+        distill: weight of phase 1's KL term from the model with every layer (`RouterTraining.distill`).
         resume: go on from the run's last checkpoint and skip finished phases.
         overwrite: replace an existing run in ``out``.
         dtype: base model dtype; device: where it runs (default: accelerate's choice for this process).
@@ -74,8 +76,8 @@ def train(model: str, data: Sequence[str], out: str | os.PathLike, *, skip_targe
     if max_steps is not None and epochs is not None:
         raise FirstSkipError("give --max-steps or --epochs, not both")
     length = {"steps": None, "epochs": epochs} if epochs is not None else _given(steps=max_steps)
-    routers_settings = RouterTraining(**length, **_given(lr=lr, lam=lam, prefixes=prefixes), batch_size=batch_size,
-                                      seed=seed, skip_target=skip_target)
+    routers_settings = RouterTraining(**length, **_given(lr=lr, lam=lam, prefixes=prefixes, distill=distill),
+                                      batch_size=batch_size, seed=seed, skip_target=skip_target)
     lora_length = _given(steps=lora_steps) or length
     lora_settings = LoraTraining(**lora_length, **_given(lr=lora_lr, rank=lora_rank), batch_size=batch_size, seed=seed)
     _prepare_out(out, resume, overwrite)  # only once every setting is valid: --overwrite must not lose a run to a typo
