@@ -7,10 +7,10 @@ RUN=${1:-runs/mix25}
 OUT=${2:-out/eval/mix25}
 D=../shared/data
 # The recipe as it was when these numbers were measured: routers pooling every token (--pooling mean-all),
-# 60 router steps, no prefixes (today's defaults differ, docs/training.md).
+# 60 router steps, no prefixes, no distillation (today's defaults differ, docs/training.md).
 /usr/bin/time -v firstskip train -m smollm2-135m --data $D/samsum --data $D/xsum --data $D/boolq \
   --out "$RUN" --resume --skip-target 0.25 --lora --merge --pooling mean-all \
-  --max-steps 60 --lora-steps 30 --prefixes 0
+  --max-steps 60 --lora-steps 30 --prefixes 0 --distill 0
 M=full,lora-only,first,first-nolora,random,last,shortgpt,uls
 firstskip eval -r "$RUN" -d $D/boolq -d $D/sst2 --limit 100 --methods $M --out "$OUT-cls"
 firstskip eval -r "$RUN" -d $D/samsum -d $D/xsum --limit 50 --methods $M --out "$OUT-sum"

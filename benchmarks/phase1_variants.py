@@ -5,7 +5,7 @@ Reproduce (docs/training.md, "Meeting the target"):
     python benchmarks/phase1_variants.py soft runs/p1-soft        # no polarisation, soft gates only
     firstskip train -m smollm2-135m --data ../shared/data/samsum --data ../shared/data/xsum \
         --data ../shared/data/boolq --out runs/p1-default --skip-target 0.25 --max-steps 80 --threads 1 \
-        --pooling mean-all --prefixes 0
+        --pooling mean-all --prefixes 0 --distill 0
 
 Each run ends with the calibration `firstskip train` makes (threshold chosen on the held-out examples).
 """
@@ -21,7 +21,7 @@ from firstskip.train.recipe import DEFAULT_HOLDOUT, DEFAULT_MAX_LENGTH, split_ex
 
 # Runs of docs/training.md. "v1-*" ran with 80 steps and max length 320 before the defaults settled
 # (steps 60, length 256); the others ran with the defaults of the time (OLD) but for what they name.
-OLD = {"steps": 60, "prefixes": 0.0}  # the defaults when these runs were measured
+OLD = {"steps": 60, "prefixes": 0.0, "distill": 0.0}  # the defaults when these runs were measured
 V1 = {**OLD, "steps": 80, "max_length": 320, "per_example": False}
 VARIANTS = {
     "v1-st05": {**V1, "hard_threshold": 0.5},
