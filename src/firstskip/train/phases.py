@@ -116,7 +116,8 @@ class RouterObjective(nn.Module):
         ce, probs, kl = prompt_then_response(self.model, self.controller, self.routers, batch,
                                              lambda probs: self._gate(probs, info), self._shares(info),
                                              self.settings.distill > 0)
-        fit_rows = ce if kl is None else ce + self.settings.distill * kl
+        kl = torch.zeros_like(ce) if kl is None else kl
+        fit_rows = ce + self.settings.distill * kl
         tokens = (batch.labels != -100).sum(-1)
         p = probs[:, self.skippable]
         count = info.rows * len(self.skippable)  # global: sums over rows and layers divide by this
@@ -131,9 +132,9 @@ class RouterObjective(nn.Module):
         # per_example: each row's mean loss per response token, then the mean over rows
         fit = (fit_rows / tokens).sum() / info.rows if self.settings.per_example else fit_rows.sum() / info.tokens
         loss = fit + reg + self.settings.polarize * polar_sum / count
-        kl = torch.zeros_like(ce) if kl is None else kl.detach()
-        stats = {"ce": ce.detach().sum(), "kl": kl.sum(), "ce_example": (ce.detach() / tokens).sum(),
-                 "kl_example": (kl / tokens).sum(), "keep": probs.detach().sum(0),
+        ce, kl = ce.detach(), kl.detach()
+        stats = {"ce": ce.sum(), "kl": kl.sum(), "ce_example": (ce / tokens).sum(), "kl_example": (kl / tokens).sum(),
+                 "keep": probs.detach().sum(0),
                  "polar": polar_sum.detach(),
                  "skipped": (p.detach() < self.config.threshold).sum().float()}
         return loss, stats
