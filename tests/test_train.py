@@ -250,6 +250,32 @@ def test_killed_then_resumed_equals_uninterrupted(data, tmp_path, monkeypatch):
         train_routers(other_pooling, data["train"], tmp_path / "other", settings, resume=True, progress=False)
 
 
+def test_a_checkpoint_written_before_a_setting_existed_resumes_with_its_old_value(data, tmp_path, monkeypatch):
+    """Checkpoints from before distillation lack the key; they trained without it (distill=0)."""
+    settings = RouterTraining(steps=8, batch_size=4, lr=1e-2, skip_target=0.3, checkpoint_every=4, distill=0.0)
+    train_routers(fresh(), data["train"], tmp_path / "whole", settings, progress=False)
+
+    def kill(step: int) -> None:
+        if step == 5:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "_after_step", kill)
+    with pytest.raises(KeyboardInterrupt):
+        train_routers(fresh(), data["train"], tmp_path / "old", settings, progress=False)
+    monkeypatch.undo()
+    state_path = tmp_path / "old" / loop.CHECKPOINT_DIR / "state.json"
+    state = json.loads(state_path.read_text())
+    del state["settings"]["distill"]
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(FirstSkipError, match=r"\['distill'\] .*distill=0.0"):
+        train_routers(fresh(), data["train"], tmp_path / "old", RouterTraining(**{**dataclasses.asdict(settings),
+                                                                               "distill": 1.0}),
+                      resume=True, progress=False)
+    train_routers(fresh(), data["train"], tmp_path / "old", settings, resume=True, progress=False)
+    whole, resumed = (load_file(tmp_path / name / artifacts.ROUTERS_NAME) for name in ("whole", "old"))
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
 def test_two_processes_agree_with_one(text_tiny, tmp_path):
     """The whole recipe (routers, calibration, LoRA) under `accelerate launch` with two processes."""
     launcher = Path(sys.executable).parent / "accelerate"

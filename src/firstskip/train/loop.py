@@ -22,7 +22,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from safetensors.torch import load_file
@@ -50,6 +50,9 @@ class LoopSettings:
     warmup: float = 0.05  # fraction of steps with a linear warm-up; then cosine decay to 10%
     seed: int = 0
     checkpoint_every: int = 25  # steps; 0 saves only the final artifact
+    # Settings added after checkpoints were already being written, with the value that reproduces
+    # the training before them: a checkpoint that lacks one was written with that value.
+    before_they_existed: ClassVar[dict[str, Any]] = {}
 
     def __post_init__(self) -> None:
         _positive("batch_size", self.batch_size)
@@ -233,7 +236,8 @@ def _load_checkpoint(run_dir: Path, phase: str, settings: LoopSettings, identity
     state = json.loads(state_path.read_text(encoding="utf-8"))
     if state["phase"] != phase:
         return 0
-    _refuse_changes(run_dir, "settings", dataclasses.asdict(settings), state["settings"])
+    saved = {**settings.before_they_existed, **state["settings"]}
+    _refuse_changes(run_dir, "settings", dataclasses.asdict(settings), saved)
     if state.get("model_config") is not None:  # checkpoints written before it was recorded have none
         _refuse_changes(run_dir, "model config fields", identity["model_config"] or {}, state["model_config"])
     if state["data"] != identity["data"]:

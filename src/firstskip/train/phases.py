@@ -13,7 +13,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -71,6 +71,7 @@ class RouterTraining(LoopSettings):
     prefixes: float = 0.5
     min_prefix: float = 0.1  # of the prompt's pooled tokens
     distill: float = 1.0  # weight of KL(base with every layer || gated) per response token, added to the CE
+    before_they_existed: ClassVar[dict[str, Any]] = {"prefixes": 0.0, "min_prefix": 0.1, "distill": 0.0}
 
     def __post_init__(self) -> None:
         super().__post_init__()
