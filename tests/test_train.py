@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -91,6 +92,18 @@ def phase1_run(data, tmp_path_factory) -> Path:
 def copy_run(run: Path, tmp_path: Path) -> Path:
     shutil.copytree(run, tmp_path / "run")
     return tmp_path / "run"
+
+
+def killed_at(monkeypatch, at: int, run: Callable[[], object]) -> None:
+    """``run`` as a kill at the end of step ``at`` leaves it."""
+    def kill(step: int) -> None:
+        if step == at:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "_after_step", kill)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.undo()
 
 
 def log(run: Path, phase: str) -> list[dict]:
@@ -221,26 +234,18 @@ def test_killed_then_resumed_equals_uninterrupted(data, tmp_path, monkeypatch):
     settings = RouterTraining(steps=12, batch_size=4, lr=1e-2, skip_target=0.3, hard_from=0.5, checkpoint_every=4)
     train_routers(fresh(), data["train"], tmp_path / "whole", settings, progress=False)
 
-    def kill(step: int) -> None:
-        if step == 7:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop, "_after_step", kill)
-    with pytest.raises(KeyboardInterrupt):
-        train_routers(fresh(), data["train"], tmp_path / "killed", settings, progress=False)
+    killed_at(monkeypatch, 7, lambda: train_routers(fresh(), data["train"], tmp_path / "killed", settings,
+                                                    progress=False))
     assert not (tmp_path / "killed" / artifacts.CONFIG_NAME).exists()  # no half-finished run
     assert json.loads((tmp_path / "killed/checkpoint/state.json").read_text())["step"] == 4
-    monkeypatch.undo()
     train_routers(fresh(), data["train"], tmp_path / "killed", settings, resume=True, progress=False)
     whole, resumed = (load_file(tmp_path / name / artifacts.ROUTERS_NAME) for name in ("whole", "killed"))
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     assert log(tmp_path / "whole", "routers") == log(tmp_path / "killed", "routers")
     assert not (tmp_path / "killed" / loop.CHECKPOINT_DIR).exists()
     # A checkpoint resumes only with the settings that wrote it.
-    monkeypatch.setattr(loop, "_after_step", kill)
-    with pytest.raises(KeyboardInterrupt):
-        train_routers(fresh(), data["train"], tmp_path / "other", settings, progress=False)
-    monkeypatch.undo()
+    killed_at(monkeypatch, 7, lambda: train_routers(fresh(), data["train"], tmp_path / "other", settings,
+                                                    progress=False))
     changed = RouterTraining(**{**dataclasses.asdict(settings), "lr": 2e-2})
     with pytest.raises(FirstSkipError, match="'lr'"):
         train_routers(fresh(), data["train"], tmp_path / "other", changed, resume=True, progress=False)
@@ -254,15 +259,8 @@ def test_a_checkpoint_written_before_a_setting_existed_resumes_with_its_old_valu
     """Checkpoints from before distillation lack the key; they trained without it (distill=0)."""
     settings = RouterTraining(steps=8, batch_size=4, lr=1e-2, skip_target=0.3, checkpoint_every=4, distill=0.0)
     train_routers(fresh(), data["train"], tmp_path / "whole", settings, progress=False)
-
-    def kill(step: int) -> None:
-        if step == 5:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop, "_after_step", kill)
-    with pytest.raises(KeyboardInterrupt):
-        train_routers(fresh(), data["train"], tmp_path / "old", settings, progress=False)
-    monkeypatch.undo()
+    killed_at(monkeypatch, 5, lambda: train_routers(fresh(), data["train"], tmp_path / "old", settings,
+                                                    progress=False))
     state_path = tmp_path / "old" / loop.CHECKPOINT_DIR / "state.json"
     state = json.loads(state_path.read_text())
     del state["settings"]["distill"]
@@ -361,16 +359,9 @@ def test_lora_resume_with_dropout_equals_uninterrupted(phase1_run, data, tmp_pat
     whole = copy_run(phase1_run, tmp_path / "a")
     train_lora(FirstSkipModel.from_pretrained(whole), data["train"], whole, settings, progress=False)
     killed = copy_run(phase1_run, tmp_path / "b")
-
-    def kill(step: int) -> None:
-        if step == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(loop, "_after_step", kill)
-    with pytest.raises(KeyboardInterrupt):
-        train_lora(FirstSkipModel.from_pretrained(killed), data["train"], killed, settings, progress=False)
+    killed_at(monkeypatch, 3, lambda: train_lora(FirstSkipModel.from_pretrained(killed), data["train"], killed,
+                                                 settings, progress=False))
     assert artifacts.load_config(killed).lora is None  # the routers-only run is still intact
-    monkeypatch.undo()
     train_lora(FirstSkipModel.from_pretrained(killed), data["train"], killed, settings, resume=True, progress=False)
     a, b = (load_file(run / "adapter" / "adapter_model.safetensors") for run in (whole, killed))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
