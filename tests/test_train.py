@@ -100,10 +100,9 @@ def killed_at(monkeypatch, at: int, run: Callable[[], object]) -> None:
         if step == at:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop, "_after_step", kill)
-    with pytest.raises(KeyboardInterrupt):
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(loop, "_after_step", kill)
         run()
-    monkeypatch.undo()
 
 
 def log(run: Path, phase: str) -> list[dict]:
