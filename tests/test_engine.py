@@ -8,7 +8,9 @@ swaps skipped layers for identities after prefill.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
+import warnings
 
 import pytest
 import torch
@@ -19,7 +21,7 @@ from conftest import TOLERANCE, tiny
 from firstskip.config import FirstSkipConfig
 from firstskip.engine import Engine, Sampling
 from firstskip.errors import FirstSkipError
-from firstskip.families import FAMILIES, decoder_layers, family_of
+from firstskip.families import FAMILIES, cache_kwargs, decoder_layers, family_of
 from firstskip.routers import RouterBank
 
 N_NEW = 8
@@ -78,7 +80,7 @@ class Identity(nn.Module):
 def reference_full_skip(model, ids: list[int], skip: list[int]) -> list[int]:
     """All layers for the prompt, then only the kept layers for every generated token."""
     cache = DynamicCache(config=model.config)
-    logits = model(torch.tensor([ids]), past_key_values=cache, use_cache=True).logits[:, -1]
+    logits = model(torch.tensor([ids]), **cache_kwargs(model, cache)).logits[:, -1]
     layers = decoder_layers(model)
     saved = list(layers)
     for i in skip:
@@ -88,7 +90,7 @@ def reference_full_skip(model, ids: list[int], skip: list[int]) -> list[int]:
         for _ in range(N_NEW):
             token = logits.argmax(-1)
             tokens.append(token.item())
-            logits = model(token[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
+            logits = model(token[:, None], **cache_kwargs(model, cache)).logits[:, -1]
     finally:
         for i, layer in enumerate(saved):
             layers[i] = layer
@@ -227,6 +229,16 @@ def test_bad_input_is_a_user_error():
         eng.generate([[5] * 600])
     with pytest.raises(FirstSkipError, match="max_new_tokens"):
         Sampling(max_new_tokens=0)
+
+
+def test_the_cache_goes_by_the_name_the_installed_transformers_takes():
+    """transformers 5.24 renamed past_key_values to cache; the old name warns (and goes in 5.40)."""
+    model = tiny("qwen2")
+    expected = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    assert set(cache_kwargs(model, None)) == {expected, "use_cache"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        greedy(engine(model), [prompt(5, 12)], skip=[SKIP])
 
 
 def test_every_family_row_is_tested():

@@ -20,6 +20,7 @@ import torch
 
 from firstskip.config import FirstSkipConfig
 from firstskip.errors import FirstSkipError
+from firstskip.families import cache_kwargs
 from firstskip.routers import RouterBank, decide
 from firstskip.skipping import SkipCache, SkipController
 
@@ -111,7 +112,7 @@ class Engine:
         ctl = self.controller
         with ctl.mode_ctx("prefill", prompt_mask=mask, skip=forced):
             logits = self.model(input_ids=ids, attention_mask=None if mask.all() else mask,
-                                position_ids=positions, past_key_values=cache, use_cache=True,
+                                position_ids=positions, **cache_kwargs(self.model, cache),
                                 logits_to_keep=1).logits[:, -1]
             probs = torch.stack(ctl.probs, dim=-1) if self.routers is not None else None
             routed_skip = ctl.skip
@@ -206,7 +207,7 @@ class Engine:
     def _step(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
               cache: SkipCache) -> torch.Tensor:
         out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, None],
-                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+                         **cache_kwargs(self.model, cache), logits_to_keep=1)
         return out.logits[:, -1]
 
 

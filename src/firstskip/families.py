@@ -9,6 +9,8 @@ transformers 5 convention), so no per-family calling code is needed. Adding a fa
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,3 +71,16 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 def set_decoder_layers(model: nn.Module, layers: nn.ModuleList) -> None:
     parent, _, name = family_of(model).layers.rpartition(".")
     setattr(model.get_submodule(parent), name, layers)
+
+
+def cache_kwargs(model: nn.Module, cache: Any) -> dict[str, Any]:
+    """The keywords that hand a model's forward its KV cache: transformers 5.24 renamed
+    ``past_key_values`` to ``cache`` (the old name warns until 5.40 drops it); earlier 5.x and
+    remote-code models take ``past_key_values``."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # through a peft wrapper
+    return {_cache_keyword(type(base)): cache, "use_cache": True}
+
+
+@functools.cache
+def _cache_keyword(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"

@@ -8,7 +8,9 @@ a run folder; ``generate`` and ``stream`` take text and return text plus each pr
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -161,6 +163,15 @@ def _base_path(run_dir: str | os.PathLike, config: FirstSkipConfig, adapter: boo
     return config.base_model
 
 
+@contextmanager
+def peft_quietly() -> Iterator[None]:
+    """peft 0.21 reads transformers' deprecated ``is_gradient_checkpointing``, which warns from
+    transformers 5.24 on: a warning about neither the user's code nor ours."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        yield
+
+
 def _with_adapter(model: torch.nn.Module, run_dir: Path, config: FirstSkipConfig, merge: bool) -> torch.nn.Module:
     """Put the run's LoRA adapter on the base; merged, since an unmerged adapter slows decoding."""
     adapter = run_dir / artifacts.ADAPTER_DIR
@@ -168,7 +179,8 @@ def _with_adapter(model: torch.nn.Module, run_dir: Path, config: FirstSkipConfig
         return model
     from peft import PeftModel
 
-    peft_model = PeftModel.from_pretrained(model, adapter)
+    with peft_quietly():
+        peft_model = PeftModel.from_pretrained(model, adapter)
     return peft_model.merge_and_unload() if merge else peft_model
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from firstskip.data import Batch
+from firstskip.families import cache_kwargs
 from firstskip.routers import RouterBank
 from firstskip.skipping import GateFn, SkipController
 
@@ -59,13 +60,13 @@ def prompt_then_response(model: nn.Module, controller: SkipController, routers: 
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
         out = model(input_ids=prompt_ids, attention_mask=prompt_mask.long(), position_ids=positions,
-                    past_key_values=cache, use_cache=True, output_hidden_states=True, logits_to_keep=1)
+                    **cache_kwargs(model, cache), output_hidden_states=True, logits_to_keep=1)
     probs = torch.stack([routers.keep_probability(layer, out.hidden_states[layer], prompt_mask, share)
                          for layer in range(len(out.hidden_states) - 1)], dim=-1)
     ce_first = response_ce(out.logits, first_labels[:, None], per_row=True)  # from the prompt: no gradient
     steps = torch.arange(1, response_ids.shape[1] + 1, device=positions.device)
     response = {"input_ids": response_ids, "attention_mask": torch.cat([prompt_mask, response_mask], -1).long(),
-                "position_ids": positions[:, -1:] + steps, "past_key_values": cache, "use_cache": True}
+                "position_ids": positions[:, -1:] + steps, **cache_kwargs(model, cache)}
     teacher = None
     if distill:
         with torch.no_grad():

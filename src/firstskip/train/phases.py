@@ -23,7 +23,7 @@ from firstskip.config import FirstSkipConfig
 from firstskip.data import Batch
 from firstskip.errors import FirstSkipError
 from firstskip.families import family_of
-from firstskip.modeling import FirstSkipModel
+from firstskip.modeling import FirstSkipModel, peft_quietly
 from firstskip.routers import decide
 from firstskip.skipping import GateFn
 from firstskip.train.calibrate import threshold_for_ratio
@@ -280,7 +280,7 @@ def add_lora(model: nn.Module, settings: LoraTraining) -> nn.Module:
     targets = settings.targets or list(family_of(model).lora_targets)
     config = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
                         target_modules=targets, bias="none", task_type="CAUSAL_LM")
-    with torch.random.fork_rng():
+    with torch.random.fork_rng(), peft_quietly():
         torch.manual_seed(settings.seed)  # LoRA's A matrices are drawn at random
         return get_peft_model(model, config)
 
