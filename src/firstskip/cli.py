@@ -316,7 +316,7 @@ def train(
              "short prompt is not taken for a cheap one.")] = None,
     distill: Annotated[Optional[float], typer.Option(
         help="Weight of the routers' distillation term: KL from the base model with every layer to the "
-             "skipping one, added to the cross-entropy on the references (0: none).")] = None,
+             "skipping one, added to the cross-entropy on the references (default 3; 0: none).")] = None,
     resume: Annotated[bool, typer.Option(help="Go on from the run's last checkpoint; finished phases are kept.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out.")] = False,
     threads: ThreadsOpt = None,

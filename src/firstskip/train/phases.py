@@ -70,7 +70,7 @@ class RouterTraining(LoopSettings):
     per_example: bool = False  # fit = mean over rows of each row's mean token loss (else: mean over tokens)
     prefixes: float = 0.5
     min_prefix: float = 0.1  # of the prompt's pooled tokens
-    distill: float = 1.0  # weight of KL(base with every layer || gated) per response token, added to the CE
+    distill: float = 3.0  # weight of KL(base with every layer || gated) per response token, added to the CE
     before_they_existed: ClassVar[dict[str, Any]] = {"prefixes": 0.0, "min_prefix": 0.1, "distill": 0.0}
 
     def __post_init__(self) -> None:
