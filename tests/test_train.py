@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,7 +39,8 @@ from firstskip.skipping import pruned_copy
 from firstskip.train import LoraTraining, RouterTraining, calibrate, train, train_lora, train_routers
 from firstskip.train import loop, phases, recipe
 from firstskip.train.calibrate import keep_probs, response_loss, skip_ratio, threshold_for_ratio
-from firstskip.train.passes import gated_forward, prompt_keep_probs, prompt_then_response, response_ce
+from firstskip.train.passes import (gated_forward, hard_gate, prompt_keep_probs, prompt_then_response, response_ce,
+                                   response_kl)
 
 TINY = "random:tiny-llama"
 REWARDED = [2, 3]  # the layers the data rewards skipping
@@ -353,6 +355,29 @@ def test_phase2_leaves_routers_untouched_and_decides_like_inference(phase1_run, 
     assert torch.equal(fsm.engine.prefill(prompts).skip, decide(probs, fsm.config))
 
 
+def test_lora_distillation_is_the_kl_from_the_adapted_model_with_every_layer(phase1_run, data):
+    """Phase 2's KL term compares the skipping pass with the same adapted model's ungated pass."""
+    fsm = FirstSkipModel.from_pretrained(phase1_run)
+    settings = dataclasses.replace(LORA, distill=2.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # peft's deprecated reads are not the user's business
+        peft_model = phases.add_lora(fsm.model, settings)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)  # a non-zero adapter, which the teacher must carry too
+    batch, controller = collate(data["test"][:8], pad_id=0), fsm.engine.controller
+    tokens = int((batch.labels != -100).sum())
+    info = loop.StepInfo(step=0, total=1, tokens=tokens, rows=8, reduce=lambda t: t, gather=lambda t: t)
+    loss, stats = phases.LoraObjective(fsm, peft_model, settings)(batch, info)
+    _, _, probs = gated_forward(peft_model, controller, batch, None)
+    student, labels, _ = gated_forward(peft_model, controller, batch, hard_gate(decide(probs, fsm.config)))
+    teacher, _, _ = gated_forward(peft_model, controller, batch, lambda layer, p: torch.ones_like(p))
+    expected = response_kl(student, teacher, labels).sum()
+    assert expected > 0.01
+    torch.testing.assert_close(stats["kl"], expected.detach())
+    torch.testing.assert_close(loss, (stats["ce"] + 2.0 * expected) / tokens)
+
+
 def test_lora_resume_with_dropout_equals_uninterrupted(phase1_run, data, tmp_path, monkeypatch):
     settings = LoraTraining(steps=6, batch_size=4, lr=1e-2, rank=4, dropout=0.1, checkpoint_every=2)
     whole = copy_run(phase1_run, tmp_path / "a")
@@ -477,6 +502,7 @@ def test_recipe_resumes_after_a_crash_around_calibration(text_tiny, tmp_path, mo
     (["--pooling", "max"], "pooling"),
     (["--prefixes", "1.5"], "prefixes"),
     (["--distill", "-1"], "distill"),
+    (["--lora-distill", "-1"], "LoRA distill"),
 ])
 def test_train_command_errors_are_one_line(text_tiny, tmp_path, args, message):
     result = CliRunner().invoke(app, ["train", "-m", TINY, "--data", text_tiny[1], "--out", str(tmp_path / "r"),

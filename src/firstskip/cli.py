@@ -317,6 +317,9 @@ def train(
     distill: Annotated[Optional[float], typer.Option(
         help="Weight of the routers' distillation term: KL from the base model with every layer to the "
              "skipping one, added to the cross-entropy on the references (default 3; 0: none).")] = None,
+    lora_distill: Annotated[Optional[float], typer.Option(
+        help="Weight of the LoRA phase's distillation term: KL from the adapted model with every layer to "
+             "the skipping one (default 0: none).")] = None,
     resume: Annotated[bool, typer.Option(help="Go on from the run's last checkpoint; finished phases are kept.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out.")] = False,
     threads: ThreadsOpt = None,
@@ -330,7 +333,7 @@ def train(
     options = dict(skip_target=skip_target, lam=lam, max_steps=max_steps, epochs=epochs, lr=lr, batch_size=batch_size,
                    seed=seed, limit=limit, max_length=max_length, holdout=holdout, lora_steps=lora_steps,
                    lora_lr=lora_lr, lora_rank=lora_rank, device=device, pooling=pooling,
-                   prefixes=prefixes, distill=distill)
+                   prefixes=prefixes, distill=distill, lora_distill=lora_distill)
     fsm = train_run(model, data, out, lora=lora, merge=merge, resume=resume, overwrite=overwrite, dtype=dtype,
                     **{k: v for k, v in options.items() if v is not None})
     typer.echo(json.dumps({"run": str(out), "threshold": fsm.config.threshold,

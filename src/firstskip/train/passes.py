@@ -22,12 +22,12 @@ from firstskip.skipping import GateFn, SkipController
 
 
 def gated_forward(model: nn.Module, controller: SkipController, batch: Batch,
-                  gate_fn: GateFn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  gate_fn: GateFn | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(logits, labels, probs)``: response tokens pass gated layers, prompt tokens every layer.
 
     Logits cover only the positions from the first one that has a label (prompts make up most of
     each row, and the vocabulary projection is a large part of a small model's cost); ``labels``
-    are cut to match. ``probs`` [B, L] are the routers' keep-probabilities.
+    are cut to match. ``probs`` [B, L] are the routers' keep-probabilities. ``gate_fn`` None: no gate.
     """
     has_label = (batch.labels != -100).any(0).nonzero()
     start = int(has_label[0]) if len(has_label) else batch.labels.shape[1] - 1

@@ -28,7 +28,8 @@ from firstskip.routers import decide
 from firstskip.skipping import GateFn
 from firstskip.train.calibrate import threshold_for_ratio
 from firstskip.train.loop import Encoded, LoopSettings, StepInfo, clear_checkpoint, on_main, run_loop
-from firstskip.train.passes import gated_forward, hard_gate, prompt_keep_probs, prompt_then_response, response_ce
+from firstskip.train.passes import (gated_forward, hard_gate, prompt_keep_probs, prompt_then_response, response_ce,
+                                   response_kl)
 
 
 # -- phase 1: routers ----------------------------------------------------------------------------
@@ -233,9 +234,13 @@ class LoraTraining(LoopSettings):
     alpha: float = 16.0
     dropout: float = 0.0
     targets: list[str] | None = None
+    distill: float = 0.0  # weight of KL(the adapted model with every layer || the skipping one) per response token
+    before_they_existed: ClassVar[dict[str, Any]] = {"distill": 0.0}
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.distill < 0:
+            raise FirstSkipError(f"LoRA distill must be >= 0, got {self.distill}")
         if self.rank < 1:
             raise FirstSkipError(f"LoRA rank must be at least 1, got {self.rank}")
         if not 0 <= self.dropout < 1:
@@ -245,11 +250,17 @@ class LoraTraining(LoopSettings):
 
 
 class LoraObjective(nn.Module):
-    """CE on response tokens with each row's hard skip set, decided as inference decides it."""
+    """CE on response tokens with each row's hard skip set, decided as inference decides it.
+
+    ``distill`` adds KL(the same adapted model with every layer || the skipping one): LoRA then
+    learns to make the skipping model agree with the adapted full one (what FiRST is measured
+    against), not only to fit the references.
+    """
 
     def __init__(self, fsm: FirstSkipModel, peft_model: nn.Module, settings: LoraTraining) -> None:
         super().__init__()
         self.model, self.controller, self.config = peft_model, fsm.engine.controller, fsm.config
+        self.distill = settings.distill
         # A threshold decision for layer l needs only p_l, and p_l depends on the prompt only (prompt
         # tokens are never gated), so it can be made inside the training pass as the prompt reaches
         # layer l. A budget decision ranks all layers, and LoRA dropout would perturb the prompt's
@@ -262,13 +273,21 @@ class LoraObjective(nn.Module):
         gate = hard_gate(skip) if skip is not None else (lambda layer, p: (p.detach() >= tau).to(p.dtype))
         logits, labels, probs = gated_forward(self.model, self.controller, batch, gate)
         ce = response_ce(logits, labels)
+        kl = response_kl(logits, self._every_layer(batch), labels).sum() if self.distill else torch.zeros_like(ce)
         used = skip if skip is not None else decide(probs.detach(), self.config)
-        return ce / info.tokens, {"ce": ce.detach(), "keep": probs.detach().sum(0), "skipped": used.sum().float()}
+        return (ce + self.distill * kl) / info.tokens, {"ce": ce.detach(), "kl": kl.detach(),
+                                                        "keep": probs.detach().sum(0), "skipped": used.sum().float()}
+
+    @torch.no_grad()
+    def _every_layer(self, batch: Batch) -> torch.Tensor:
+        """The teacher's logits: the same pass with no layer gated."""
+        return gated_forward(self.model, self.controller, batch, None)[0]
 
     def summarize(self, stats: dict[str, torch.Tensor], info: StepInfo) -> dict[str, Any]:
-        ce = float(stats["ce"]) / info.tokens
+        ce, kl = (float(stats[key]) / info.tokens for key in ("ce", "kl"))
         per_layer = stats["keep"] / info.rows
-        return {"loss": round(ce, 5), "keep": round(float(per_layer[self.config.skippable].mean()), 4),
+        return {"loss": round(ce + self.distill * kl, 5), **({"ce": round(ce, 5), "kl": round(kl, 5)} if self.distill else {}),
+                "keep": round(float(per_layer[self.config.skippable].mean()), 4),
                 "skip": round(float(stats["skipped"]) / (info.rows * self.config.num_layers), 4),
                 "keep_per_layer": [round(float(v), 4) for v in per_layer]}
 

@@ -39,6 +39,7 @@ def train(model: str, data: Sequence[str], out: str | os.PathLike, *, skip_targe
           limit: int | None = None, max_length: int = DEFAULT_MAX_LENGTH, holdout: int = DEFAULT_HOLDOUT,
           lora_steps: int | None = None, lora_lr: float | None = None, lora_rank: int | None = None,
           pooling: str | None = None, prefixes: float | None = None, distill: float | None = None,
+          lora_distill: float | None = None,
           resume: bool = False, overwrite: bool = False, dtype: str = "float32", device: str | None = None,
           progress: bool = True) -> FirstSkipModel:
     """Train routers (and LoRA) on one or more datasets into the run folder ``out``.
@@ -66,6 +67,8 @@ def train(model: str, data: Sequence[str], out: str | os.PathLike, *, skip_targe
         prefixes: share of phase-1 rows whose routers read a random start of the prompt only
             (`RouterTraining.prefixes`).
         distill: weight of phase 1's KL term from the model with every layer (`RouterTraining.distill`).
+        lora_distill: weight of phase 2's KL term from the adapted model with every layer
+            (`LoraTraining.distill`).
         resume: go on from the run's last checkpoint and skip finished phases.
         overwrite: replace an existing run in ``out``.
         dtype: base model dtype; device: where it runs (default: accelerate's choice for this process).
@@ -79,7 +82,8 @@ def train(model: str, data: Sequence[str], out: str | os.PathLike, *, skip_targe
     routers_settings = RouterTraining(**length, **_given(lr=lr, lam=lam, prefixes=prefixes, distill=distill),
                                       batch_size=batch_size, seed=seed, skip_target=skip_target)
     lora_length = _given(steps=lora_steps) or length
-    lora_settings = LoraTraining(**lora_length, **_given(lr=lora_lr, rank=lora_rank), batch_size=batch_size, seed=seed)
+    lora_settings = LoraTraining(**lora_length, **_given(lr=lora_lr, rank=lora_rank, distill=lora_distill),
+                                 batch_size=batch_size, seed=seed)
     _prepare_out(out, resume, overwrite)  # only once every setting is valid: --overwrite must not lose a run to a typo
     held_out, examples = split_examples(data, seed, holdout if skip_target is not None else 0, limit)
     fsm = _load(model, out, resume, seed, dtype, device, **_given(router_pooling=pooling))
