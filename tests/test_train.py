@@ -140,10 +140,12 @@ def test_two_piece_pass_equals_one_piece(model_type: str):
                 torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4)
 
 
-def test_distillation_is_the_kl_from_the_model_with_every_layer():
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_distillation_is_the_kl_from_the_model_with_every_layer(model_type: str):
     """The two-piece pass's KL term is KL(every layer || gated) of the one-piece passes, and asking for
-    it leaves the CE and the keep-probabilities as they were (the teacher's cache entries are dropped)."""
-    fsm = FirstSkipModel.from_base(TINY)
+    it leaves the CE and the keep-probabilities as they were (the teacher extends a fork of the
+    prompt's cache; rows are longer than the sliding windows of the families that have one)."""
+    fsm = FirstSkipModel.from_base(f"random:tiny-{model_type}")
     torch.manual_seed(0)
     for router in fsm.routers.routers:
         torch.nn.init.normal_(router.down.weight, std=0.5)
@@ -161,6 +163,37 @@ def test_distillation_is_the_kl_from_the_model_with_every_layer():
     assert none is None and bool((kl > 0).all())
     torch.testing.assert_close(ce, plain_ce, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(probs, plain_probs)
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_two_piece_pass_trains_lora_as_the_one_piece_pass_does(model_type: str):
+    """Phase 2's pass (the prompt keeps its graph, LoRA is everywhere) gives the one-piece passes'
+    CE, KL to the adapted model with every layer, and LoRA gradients."""
+    fsm = FirstSkipModel.from_base(f"random:tiny-{model_type}")
+    peft_model = phases.add_lora(fsm.model, LORA)
+    torch.manual_seed(0)
+    for name, p in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)  # a non-zero adapter
+    gen = torch.Generator().manual_seed(0)
+    rows = [(torch.randint(3, 250, (p + r,), generator=gen).tolist(), p) for p, r in [(5, 3), (11, 6), (8, 1), (14, 4)]]
+    batch, controller = collate(rows, pad_id=0), fsm.engine.controller
+    skip = torch.zeros(len(rows), fsm.config.num_layers, dtype=torch.bool)
+    skip[0, 2] = skip[1, 2] = skip[1, 3] = skip[3, 4] = True
+    student, labels, _ = gated_forward(peft_model, controller, batch, hard_gate(skip))
+    with torch.no_grad():
+        teacher, _, _ = gated_forward(peft_model, controller, batch, lambda layer, p: torch.ones_like(p))
+    one = response_ce(student, labels), response_kl(student, teacher, labels).sum()
+    ce, _, kl = prompt_then_response(peft_model, controller, fsm.routers, batch, lambda probs: hard_gate(skip),
+                                     distill=True, prompt_grad=True)
+    two = ce.sum(), kl.sum()
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(sum(one), params), torch.autograd.grad(sum(two), params)
+    for a, b in zip(one, two):
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
+    assert float(two[1].detach()) > 1e-3  # the skips move the distributions
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-3)
 
 
 # -- phase 1 ---------------------------------------------------------------------------------------
@@ -320,27 +353,25 @@ def test_phase2_leaves_routers_untouched_and_decides_like_inference(phase1_run, 
     fsm = FirstSkipModel.from_pretrained(run)
     before = {k: v.clone() for k, v in fsm.routers.state_dict().items()}
     steps: list[tuple[torch.Tensor, torch.Tensor]] = []
-    real = phases.gated_forward
+    real = phases.prompt_then_response
 
-    def spy(model, controller, batch, gate_fn):  # the gates phase 2 applies, and its pass's decisions
-        gates: dict[int, torch.Tensor] = {}
+    def spy(model, controller, routers, batch, make_gate, **kwargs):  # the skips applied, and inference's
+        prompts = [row[:n].tolist() for row, n in zip(batch.input_ids, batch.prompt_mask.sum(-1).tolist())]
+        inference = fsm.engine.prefill(prompts).skip
 
-        def recording(layer, p):
-            gates[layer] = gate_fn(layer, p)
-            return gates[layer]
+        def recording(probs):
+            gate = make_gate(probs)
+            ones = torch.ones(len(prompts))
+            steps.append((torch.stack([gate(layer, ones) == 0 for layer in range(probs.shape[1])], -1), inference))
+            return gate
 
-        logits, labels, probs = real(model, controller, batch, recording)
-        applied = torch.zeros(probs.shape, dtype=torch.bool)
-        for layer, gate in gates.items():
-            applied[:, layer] = gate == 0
-        steps.append((applied, decide(probs, fsm.config)))
-        return logits, labels, probs
+        return real(model, controller, routers, batch, recording, **kwargs)
 
     def loss() -> float:  # on the training data, with the skip sets inference would choose
         return response_loss(fsm, data["pattern"], decide(keep_probs(fsm, data["pattern"]), fsm.config))
 
     untrained = loss()
-    monkeypatch.setattr(phases, "gated_forward", spy)
+    monkeypatch.setattr(phases, "prompt_then_response", spy)
     train_lora(fsm, data["pattern"], run, LORA, progress=False)
     monkeypatch.undo()
     assert all(torch.equal(before[k], v) for k, v in fsm.routers.state_dict().items())
@@ -369,7 +400,7 @@ def test_lora_distillation_is_the_kl_from_the_adapted_model_with_every_layer(pha
     tokens = int((batch.labels != -100).sum())
     info = loop.StepInfo(step=0, total=1, tokens=tokens, rows=8, reduce=lambda t: t, gather=lambda t: t)
     loss, stats = phases.LoraObjective(fsm, peft_model, settings)(batch, info)
-    _, _, probs = gated_forward(peft_model, controller, batch, None)
+    _, _, probs = gated_forward(peft_model, controller, batch, lambda layer, p: torch.ones_like(p))
     student, labels, _ = gated_forward(peft_model, controller, batch, hard_gate(decide(probs, fsm.config)))
     teacher, _, _ = gated_forward(peft_model, controller, batch, lambda layer, p: torch.ones_like(p))
     expected = response_kl(student, teacher, labels).sum()

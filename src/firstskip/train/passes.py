@@ -7,6 +7,7 @@ as at inference. The two-piece pass of phase 1 left-pads the prompts, as the eng
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -22,12 +23,12 @@ from firstskip.skipping import GateFn, SkipController
 
 
 def gated_forward(model: nn.Module, controller: SkipController, batch: Batch,
-                  gate_fn: GateFn | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  gate_fn: GateFn) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(logits, labels, probs)``: response tokens pass gated layers, prompt tokens every layer.
 
     Logits cover only the positions from the first one that has a label (prompts make up most of
     each row, and the vocabulary projection is a large part of a small model's cost); ``labels``
-    are cut to match. ``probs`` [B, L] are the routers' keep-probabilities. ``gate_fn`` None: no gate.
+    are cut to match. ``probs`` [B, L] are the routers' keep-probabilities.
     """
     has_label = (batch.labels != -100).any(0).nonzero()
     start = int(has_label[0]) if len(has_label) else batch.labels.shape[1] - 1
@@ -40,7 +41,8 @@ def gated_forward(model: nn.Module, controller: SkipController, batch: Batch,
 
 def prompt_then_response(model: nn.Module, controller: SkipController, routers: RouterBank, batch: Batch,
                          make_gate: Callable[[torch.Tensor], GateFn], share: torch.Tensor | None = None,
-                         distill: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                         distill: bool = False, prompt_grad: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(response CE summed per row [B], probs [B, L], KL summed per row [B] or None)``: the CE and probs
     as `gated_forward` gives them, far cheaper to differentiate.
 
@@ -48,36 +50,46 @@ def prompt_then_response(model: nn.Module, controller: SkipController, routers: 
     depend on all of them, e.g. a threshold that meets a skip target on the batch). ``share`` [B]:
     the routers pool only that share of each prompt (`RouterBank.keep_probability`). ``distill``:
     also KL(ungated || gated) of the response positions' next-token distributions (the teacher is the
-    same frozen model with every layer, run on the cached prompt first).
+    same model with every layer, run on a fork of the prompt's cache).
 
-    For a frozen base, prompt tokens never pass a gate, so their states and keys/values do not
+    Prompt tokens never pass a gate. For a frozen base (phase 1) their states and keys/values do not
     depend on the routers: the prompt runs once without autograd (a prefill into a KV cache that
     keeps each layer's input), the routers score those inputs with autograd, and only the response
-    tokens, typically a tenth of a row, run forward and backward on top of the cache.
+    tokens, typically a tenth of a row, run forward and backward on top of the cache. With
+    ``prompt_grad`` (phase 2: LoRA changes the prompt's states too) the prompt keeps its graph, and
+    the teacher costs the response tokens alone.
     """
     prompt_ids, prompt_mask, first_labels, response_ids, response_mask, labels = _split_rows(batch)
     positions = (prompt_mask.long().cumsum(-1) - 1).clamp_min(0)
     cache = DynamicCache(config=model.config)
-    with torch.no_grad():
+    with torch.set_grad_enabled(prompt_grad and torch.is_grad_enabled()):
         out = model(input_ids=prompt_ids, attention_mask=prompt_mask.long(), position_ids=positions,
                     **cache_kwargs(model, cache), output_hidden_states=True, logits_to_keep=1)
     probs = torch.stack([routers.keep_probability(layer, out.hidden_states[layer], prompt_mask, share)
                          for layer in range(len(out.hidden_states) - 1)], dim=-1)
-    ce_first = response_ce(out.logits, first_labels[:, None], per_row=True)  # from the prompt: no gradient
+    ce_first = response_ce(out.logits, first_labels[:, None], per_row=True)  # from the prompt: ungated
     steps = torch.arange(1, response_ids.shape[1] + 1, device=positions.device)
     response = {"input_ids": response_ids, "attention_mask": torch.cat([prompt_mask, response_mask], -1).long(),
-                "position_ids": positions[:, -1:] + steps, **cache_kwargs(model, cache)}
+                "position_ids": positions[:, -1:] + steps}
     teacher = None
     if distill:
         with torch.no_grad():
-            teacher = model(**response).logits
-        cache.crop(-response_ids.shape[1])
+            teacher = model(**response, **cache_kwargs(model, _fork(cache))).logits
     gate_fn = make_gate(probs)
     with controller.mode_ctx("train", prompt_mask=torch.zeros_like(response_mask),
                              gate_fn=lambda layer, _: gate_fn(layer, probs[:, layer])):
-        logits = model(**response).logits
+        logits = model(**response, **cache_kwargs(model, cache)).logits
     kl = None if teacher is None else response_kl(logits, teacher, labels)
     return ce_first + response_ce(logits, labels, per_row=True), probs, kl
+
+
+def _fork(cache: DynamicCache) -> DynamicCache:
+    """A copy of ``cache`` that a pass can extend while ``cache`` keeps the prompt alone. A cache
+    layer's update rebinds its tensors (torch.cat) instead of writing into them, so copying the layer
+    objects suffices; cropping instead would lose what a sliding-window layer dropped."""
+    fork = copy.copy(cache)
+    fork.layers = [copy.copy(layer) for layer in cache.layers]
+    return fork
 
 
 def _split_rows(batch: Batch) -> tuple[torch.Tensor, ...]:

@@ -28,8 +28,7 @@ from firstskip.routers import decide
 from firstskip.skipping import GateFn
 from firstskip.train.calibrate import threshold_for_ratio
 from firstskip.train.loop import Encoded, LoopSettings, StepInfo, clear_checkpoint, on_main, run_loop
-from firstskip.train.passes import (gated_forward, hard_gate, prompt_keep_probs, prompt_then_response, response_ce,
-                                   response_kl)
+from firstskip.train.passes import hard_gate, prompt_keep_probs, prompt_then_response
 
 
 # -- phase 1: routers ----------------------------------------------------------------------------
@@ -254,34 +253,32 @@ class LoraObjective(nn.Module):
 
     ``distill`` adds KL(the same adapted model with every layer || the skipping one): LoRA then
     learns to make the skipping model agree with the adapted full one (what FiRST is measured
-    against), not only to fit the references.
+    against), not only to fit the references. The teacher extends a fork of the prompt's cache, so
+    it costs a forward pass of the response tokens alone.
     """
 
     def __init__(self, fsm: FirstSkipModel, peft_model: nn.Module, settings: LoraTraining) -> None:
         super().__init__()
         self.model, self.controller, self.config = peft_model, fsm.engine.controller, fsm.config
-        self.distill = settings.distill
-        # A threshold decision for layer l needs only p_l, and p_l depends on the prompt only (prompt
-        # tokens are never gated), so it can be made inside the training pass as the prompt reaches
-        # layer l. A budget decision ranks all layers, and LoRA dropout would perturb the prompt's
-        # states: those need a separate no-grad scoring pass, as inference would make.
-        self.score_first = fsm.config.decision != "threshold" or settings.dropout > 0
+        self.routers, self.distill = fsm.routers, settings.distill
+        # The prompt runs before the response, so every p_l is known before any layer is gated and
+        # the decisions come from the training pass itself; but LoRA dropout perturbs the prompt's
+        # states, so with it the decisions need a separate scoring pass in eval mode, as inference.
+        self.score_first = settings.dropout > 0
 
     def forward(self, batch: Batch, info: StepInfo) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        skip = decide(prompt_keep_probs(self.model, self.controller, batch), self.config) if self.score_first else None
-        tau = self.config.threshold
-        gate = hard_gate(skip) if skip is not None else (lambda layer, p: (p.detach() >= tau).to(p.dtype))
-        logits, labels, probs = gated_forward(self.model, self.controller, batch, gate)
-        ce = response_ce(logits, labels)
-        kl = response_kl(logits, self._every_layer(batch), labels).sum() if self.distill else torch.zeros_like(ce)
-        used = skip if skip is not None else decide(probs.detach(), self.config)
-        return (ce + self.distill * kl) / info.tokens, {"ce": ce.detach(), "kl": kl.detach(),
-                                                        "keep": probs.detach().sum(0), "skipped": used.sum().float()}
+        scored = decide(prompt_keep_probs(self.model, self.controller, batch), self.config) if self.score_first else None
+        used: list[torch.Tensor] = []
 
-    @torch.no_grad()
-    def _every_layer(self, batch: Batch) -> torch.Tensor:
-        """The teacher's logits: the same pass with no layer gated."""
-        return gated_forward(self.model, self.controller, batch, None)[0]
+        def make_gate(probs: torch.Tensor) -> GateFn:
+            used.append(scored if scored is not None else decide(probs.detach(), self.config))
+            return hard_gate(used[0])
+
+        ce, probs, kl = prompt_then_response(self.model, self.controller, self.routers, batch, make_gate,
+                                             distill=self.distill > 0, prompt_grad=True)
+        ce, kl = ce.sum(), torch.zeros_like(ce.sum()) if kl is None else kl.sum()
+        return (ce + self.distill * kl) / info.tokens, {"ce": ce.detach(), "kl": kl.detach(),
+                                                        "keep": probs.detach().sum(0), "skipped": used[0].sum().float()}
 
     def summarize(self, stats: dict[str, torch.Tensor], info: StepInfo) -> dict[str, Any]:
         ce, kl = (float(stats[key]) / info.tokens for key in ("ce", "kl"))
