@@ -39,7 +39,7 @@ SIZES = {
                       methods="full,first,shortgpt", speed_items=2, holdout=8, calibration_items=8),
     # Sized so the set-up command and the demo fit 15 minutes on 2 cores (docs/results.md); `firstskip train` trains longer.
     "full": DemoSize(train_limit=200, steps=30, lora_steps=24, batch_size=8, max_length=256, eval_limit=20,
-                     methods="full,lora-only,first,last,shortgpt,uls", speed_items=4, holdout=32,
+                     methods="full,lora-only,first,shortgpt,uls", speed_items=4, holdout=32,
                      calibration_items=32),
 }
 
