@@ -319,7 +319,7 @@ def train(
              "skipping one, added to the cross-entropy on the references (default 3; 0: none).")] = None,
     lora_distill: Annotated[Optional[float], typer.Option(
         help="Weight of the LoRA phase's distillation term: KL from the adapted model with every layer to "
-             "the skipping one (default 3; 0: none).")] = None,
+             "the skipping one (default 0: none).")] = None,
     resume: Annotated[bool, typer.Option(help="Go on from the run's last checkpoint; finished phases are kept.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out.")] = False,
     threads: ThreadsOpt = None,

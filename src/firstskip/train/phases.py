@@ -233,7 +233,7 @@ class LoraTraining(LoopSettings):
     alpha: float = 16.0
     dropout: float = 0.0
     targets: list[str] | None = None
-    distill: float = 3.0  # weight of KL(the adapted model with every layer || the skipping one) per response token
+    distill: float = 0.0  # weight of KL(the adapted model with every layer || the skipping one) per response token
     before_they_existed: ClassVar[dict[str, Any]] = {"distill": 0.0}
 
     def __post_init__(self) -> None:
