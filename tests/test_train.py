@@ -400,13 +400,12 @@ def test_lora_distillation_is_the_kl_from_the_adapted_model_with_every_layer(pha
     tokens = int((batch.labels != -100).sum())
     info = loop.StepInfo(step=0, total=1, tokens=tokens, rows=8, reduce=lambda t: t, gather=lambda t: t)
     loss, stats = phases.LoraObjective(fsm, peft_model, settings)(batch, info)
-    _, _, probs = gated_forward(peft_model, controller, batch, lambda layer, p: torch.ones_like(p))
+    teacher, _, probs = gated_forward(peft_model, controller, batch, lambda layer, p: torch.ones_like(p))
     student, labels, _ = gated_forward(peft_model, controller, batch, hard_gate(decide(probs, fsm.config)))
-    teacher, _, _ = gated_forward(peft_model, controller, batch, lambda layer, p: torch.ones_like(p))
-    expected = response_kl(student, teacher, labels).sum()
+    expected = response_kl(student, teacher, labels).sum().detach()
     assert expected > 0.01
-    torch.testing.assert_close(stats["kl"], expected.detach())
-    torch.testing.assert_close(loss, (stats["ce"] + 2.0 * expected) / tokens)
+    torch.testing.assert_close(stats["kl"], expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(loss.detach(), (stats["ce"] + 2.0 * expected) / tokens, atol=1e-5, rtol=1e-4)
 
 
 def test_lora_resume_with_dropout_equals_uninterrupted(phase1_run, data, tmp_path, monkeypatch):

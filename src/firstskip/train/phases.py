@@ -267,11 +267,11 @@ class LoraObjective(nn.Module):
         self.score_first = settings.dropout > 0
 
     def forward(self, batch: Batch, info: StepInfo) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        scored = decide(prompt_keep_probs(self.model, self.controller, batch), self.config) if self.score_first else None
-        used: list[torch.Tensor] = []
+        scored = prompt_keep_probs(self.model, self.controller, batch) if self.score_first else None
+        used: list[torch.Tensor] = []  # the skip mask applied, for the log
 
         def make_gate(probs: torch.Tensor) -> GateFn:
-            used.append(scored if scored is not None else decide(probs.detach(), self.config))
+            used.append(decide(probs.detach() if scored is None else scored, self.config))
             return hard_gate(used[0])
 
         ce, probs, kl = prompt_then_response(self.model, self.controller, self.routers, batch, make_gate,
@@ -283,7 +283,8 @@ class LoraObjective(nn.Module):
     def summarize(self, stats: dict[str, torch.Tensor], info: StepInfo) -> dict[str, Any]:
         ce, kl = (float(stats[key]) / info.tokens for key in ("ce", "kl"))
         per_layer = stats["keep"] / info.rows
-        return {"loss": round(ce + self.distill * kl, 5), **({"ce": round(ce, 5), "kl": round(kl, 5)} if self.distill else {}),
+        parts = {"ce": round(ce, 5), "kl": round(kl, 5)} if self.distill else {}
+        return {"loss": round(ce + self.distill * kl, 5), **parts,
                 "keep": round(float(per_layer[self.config.skippable].mean()), 4),
                 "skip": round(float(stats["skipped"]) / (info.rows * self.config.num_layers), 4),
                 "keep_per_layer": [round(float(v), 4) for v in per_layer]}
