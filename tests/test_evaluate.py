@@ -20,7 +20,7 @@ from firstskip.errors import FirstSkipError
 from firstskip.evaluate import evaluate_run, inspect_run, method_names, parse_methods, runner
 from firstskip.evaluate.store import PredictionStore
 from firstskip.families import FAMILIES
-from firstskip.modeling import FirstSkipModel
+from firstskip.modeling import FirstSkipModel, peft_quietly
 from firstskip.models import cache_dir
 
 SENTENCES = ["a gorgeous , witty , seductive movie .", "it 's slow -- very , very slow .",
@@ -87,7 +87,8 @@ def make_run(base: Path, folder: Path, adapter: bool) -> Path:
             router.down.weight.copy_(torch.randn(router.down.weight.shape, generator=gen) * 4)
             router.down.bias.fill_(0.3 * (layer - 2))
     if adapter:
-        lora = get_peft_model(fsm.model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+        with peft_quietly():
+            lora = get_peft_model(fsm.model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
         with torch.no_grad():
             for name, p in lora.named_parameters():
                 if "lora_" in name:  # both factors from `gen`: peft draws lora_A from the global generator
