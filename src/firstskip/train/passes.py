@@ -65,7 +65,9 @@ def prompt_then_response(model: nn.Module, controller: SkipController, routers: 
     with torch.set_grad_enabled(prompt_grad and torch.is_grad_enabled()):
         out = model(input_ids=prompt_ids, attention_mask=prompt_mask.long(), position_ids=positions,
                     **cache_kwargs(model, cache), output_hidden_states=True, logits_to_keep=1)
-    probs = torch.stack([routers.keep_probability(layer, out.hidden_states[layer], prompt_mask, share)
+    # The routers learn from their own weights only; with prompt_grad the layer inputs carry LoRA's
+    # graph, which the routers' pass need not extend (their decisions are hard in phase 2).
+    probs = torch.stack([routers.keep_probability(layer, out.hidden_states[layer].detach(), prompt_mask, share)
                          for layer in range(len(out.hidden_states) - 1)], dim=-1)
     ce_first = response_ce(out.logits, first_labels[:, None], per_row=True)  # from the prompt: ungated
     steps = torch.arange(1, response_ids.shape[1] + 1, device=positions.device)
