@@ -21,12 +21,12 @@ from firstskip.train.recipe import DEFAULT_HOLDOUT, DEFAULT_MAX_LENGTH, split_ex
 
 # Runs of docs/training.md. "v1-*" ran with 80 steps and max length 320 before the defaults settled
 # (steps 60, length 256); the others ran with the defaults of the time (OLD) but for what they name.
-OLD = {"steps": 60, "prefixes": 0.0, "distill": 0.0}  # the defaults when these runs were measured
-V1 = {**OLD, "steps": 80, "max_length": 320, "per_example": False}
+OLD = {"steps": 60, "prefixes": 0.0, "distill": 0.0, "row_tokens": None}  # the defaults when these runs were measured
+V1 = {**OLD, "steps": 80, "max_length": 320}
 VARIANTS = {
     "v1-st05": {**V1, "hard_threshold": 0.5},
     "v1-soft": {**V1, "polarize": 0.0, "hard_from": None},
-    "soft-example": {**OLD, "polarize": 0.0, "hard_from": None, "per_example": True},
+    "soft-example": {**OLD, "polarize": 0.0, "hard_from": None, "row_tokens": 1},
     "default": OLD,  # phase 1 of runs/smollm2-mix
 }
 DATA = ["../shared/data/samsum", "../shared/data/xsum", "../shared/data/boolq"]

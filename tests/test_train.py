@@ -221,6 +221,35 @@ def test_a_prefix_share_scores_the_prompt_cut_there(pooling: str):
     torch.testing.assert_close(probs.detach(), shortened, atol=1e-6, rtol=0)
 
 
+def test_a_rows_loss_weighs_at_most_row_tokens_tokens():
+    """Phase 1's fit: row i's summed token losses f_i (CE + distill KL) times w_i = min(T_i, m) / T_i,
+    over sum_i T_i w_i. m = None is the mean over tokens, m = 1 each row's mean, then the mean over rows."""
+    fsm = fresh()
+    gen = torch.Generator().manual_seed(1)
+    rows = [(torch.randint(3, 250, (p + r,), generator=gen).tolist(), p) for p, r in [(8, 6), (10, 2), (7, 4)]]
+    batch = collate(rows, 0)
+    tokens = torch.tensor([6.0, 2.0, 4.0])
+    info = loop.StepInfo(step=0, total=10, tokens=12, rows=3, reduce=lambda t: t, gather=lambda t: t)
+    skip = torch.zeros(3, fsm.config.num_layers, dtype=torch.bool)
+    skip[:, 2] = skip[0, 1] = True
+    ce, _, kl = prompt_then_response(fsm.model, fsm.engine.controller, fsm.routers, batch,
+                                     lambda probs: hard_gate(skip), distill=True)
+    losses = {}
+    for m in (None, 1, 3, 6):
+        settings = RouterTraining(row_tokens=m, prefixes=0.0, distill=2.0, skip_target=0.25)
+        objective = phases.RouterObjective(fsm, settings)
+        objective._gate = lambda probs, info: hard_gate(skip)
+        losses[m] = objective(batch, info)[0].detach()
+    fits = ce + 2.0 * kl
+    assert bool((kl > 0).all())
+    rest = losses[None] - fits.sum() / tokens.sum()  # the regularisers, the same for every m
+    for m in (1, 3, 6):
+        weights = tokens.clamp(max=m) / tokens
+        torch.testing.assert_close(losses[m] - rest, (fits * weights).sum() / (tokens * weights).sum())
+    torch.testing.assert_close(losses[1] - rest, (fits / tokens).mean())
+    torch.testing.assert_close(losses[6], losses[None])  # no row longer than 6
+
+
 def test_routers_learn_to_skip_the_layers_the_data_rewards(phase1_run, data):
     losses = [r["loss"] for r in log(phase1_run, "routers")]
     assert sum(losses[-8:]) / 8 < sum(losses[:8]) / 8
@@ -290,19 +319,22 @@ def test_killed_then_resumed_equals_uninterrupted(data, tmp_path, monkeypatch):
 
 
 def test_a_checkpoint_written_before_a_setting_existed_resumes_with_its_old_value(data, tmp_path, monkeypatch):
-    """Checkpoints from before distillation lack the key; they trained without it (distill=0)."""
-    settings = RouterTraining(steps=8, batch_size=4, lr=1e-2, skip_target=0.3, checkpoint_every=4, distill=0.0)
+    """Checkpoints from before distillation lack the key; they trained without it (distill=0). Those from
+    before row_tokens hold per_example instead: False is row_tokens=None, True (row_tokens=1) is refused."""
+    settings = RouterTraining(steps=8, batch_size=4, lr=1e-2, skip_target=0.3, checkpoint_every=4, distill=0.0,
+                              row_tokens=None)
     train_routers(fresh(), data["train"], tmp_path / "whole", settings, progress=False)
     killed_at(monkeypatch, 5, lambda: train_routers(fresh(), data["train"], tmp_path / "old", settings,
                                                     progress=False))
     state_path = tmp_path / "old" / loop.CHECKPOINT_DIR / "state.json"
     state = json.loads(state_path.read_text())
-    del state["settings"]["distill"]
-    state_path.write_text(json.dumps(state))
-    with pytest.raises(FirstSkipError, match=r"\['distill'\] .*distill=0.0"):
-        train_routers(fresh(), data["train"], tmp_path / "old", RouterTraining(**{**dataclasses.asdict(settings),
-                                                                               "distill": 1.0}),
-                      resume=True, progress=False)
+    del state["settings"]["distill"], state["settings"]["row_tokens"]
+    for per_example, refused in ((True, r"\['distill', 'per_example'\]"), (False, r"\['distill'\] .*distill=0.0")):
+        state_path.write_text(json.dumps({**state, "settings": {**state["settings"], "per_example": per_example}}))
+        with pytest.raises(FirstSkipError, match=refused):
+            train_routers(fresh(), data["train"], tmp_path / "old", RouterTraining(**{**dataclasses.asdict(settings),
+                                                                                   "distill": 1.0}),
+                          resume=True, progress=False)
     train_routers(fresh(), data["train"], tmp_path / "old", settings, resume=True, progress=False)
     whole, resumed = (load_file(tmp_path / name / artifacts.ROUTERS_NAME) for name in ("whole", "old"))
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
@@ -533,6 +565,7 @@ def test_recipe_resumes_after_a_crash_around_calibration(text_tiny, tmp_path, mo
     (["--prefixes", "1.5"], "prefixes"),
     (["--distill", "-1"], "distill"),
     (["--lora-distill", "-1"], "LoRA distill"),
+    (["--row-tokens", "-1"], "row_tokens"),
 ])
 def test_train_command_errors_are_one_line(text_tiny, tmp_path, args, message):
     result = CliRunner().invoke(app, ["train", "-m", TINY, "--data", text_tiny[1], "--out", str(tmp_path / "r"),

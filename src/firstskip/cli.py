@@ -320,6 +320,9 @@ def train(
     lora_distill: Annotated[Optional[float], typer.Option(
         help="Weight of the LoRA phase's distillation term: KL from the adapted model with every layer to "
              "the skipping one (default 0: none).")] = None,
+    row_tokens: Annotated[Optional[int], typer.Option(
+        help="Routers' loss: a row weighs at most this many response tokens' worth (default 0: every "
+             "token weighs the same; 1: every row does).")] = None,
     resume: Annotated[bool, typer.Option(help="Go on from the run's last checkpoint; finished phases are kept.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out.")] = False,
     threads: ThreadsOpt = None,
@@ -333,7 +336,7 @@ def train(
     options = dict(skip_target=skip_target, lam=lam, max_steps=max_steps, epochs=epochs, lr=lr, batch_size=batch_size,
                    seed=seed, limit=limit, max_length=max_length, holdout=holdout, lora_steps=lora_steps,
                    lora_lr=lora_lr, lora_rank=lora_rank, device=device, pooling=pooling,
-                   prefixes=prefixes, distill=distill, lora_distill=lora_distill)
+                   prefixes=prefixes, distill=distill, lora_distill=lora_distill, row_tokens=row_tokens)
     fsm = train_run(model, data, out, lora=lora, merge=merge, resume=resume, overwrite=overwrite, dtype=dtype,
                     **{k: v for k, v in options.items() if v is not None})
     typer.echo(json.dumps({"run": str(out), "threshold": fsm.config.threshold,

@@ -53,6 +53,9 @@ class LoopSettings:
     # Settings added after checkpoints were already being written, with the value that reproduces
     # the training before them: a checkpoint that lacks one was written with that value.
     before_they_existed: ClassVar[dict[str, Any]] = {}
+    # Settings since removed, with the value that today's settings reproduce: a checkpoint that holds
+    # one at that value resumes; at another value it is refused like any other changed setting.
+    no_longer_used: ClassVar[dict[str, Any]] = {}
 
     def __post_init__(self) -> None:
         _positive("batch_size", self.batch_size)
@@ -236,7 +239,8 @@ def _load_checkpoint(run_dir: Path, phase: str, settings: LoopSettings, identity
     state = json.loads(state_path.read_text(encoding="utf-8"))
     if state["phase"] != phase:
         return 0
-    saved = {**settings.before_they_existed, **state["settings"]}
+    saved = {k: v for k, v in {**settings.before_they_existed, **state["settings"]}.items()
+             if k not in settings.no_longer_used or settings.no_longer_used[k] != v}
     _refuse_changes(run_dir, "settings", dataclasses.asdict(settings), saved)
     if state.get("model_config") is not None:  # checkpoints written before it was recorded have none
         _refuse_changes(run_dir, "model config fields", identity["model_config"] or {}, state["model_config"])

@@ -37,9 +37,11 @@ from firstskip.train.passes import hard_gate, prompt_keep_probs, prompt_then_res
 class RouterTraining(LoopSettings):
     """Phase 1 settings. Defaults are the measured smollm2-135m recipe (docs/training.md).
 
-    The fit term is the response cross-entropy per token (``per_example``: each row's mean token
-    loss averaged over rows instead, so a 2-token answer weighs as much as a 30-token summary; it
-    moved skips from yes/no answers to summaries and cost more on them, see docs/training.md).
+    The fit term is the response loss per token; ``row_tokens`` caps how many tokens' worth a row
+    weighs: a row of T response tokens counts min(T, row_tokens) (its token losses scaled by
+    min(T, row_tokens) / T). ``row_tokens=1`` is each row's mean token loss averaged over rows, which
+    moved skips from yes/no answers to summaries and cost more on them; 16 let short summaries weigh
+    as much as long ones and did not lift SAMSum's ratio over three seeds (docs/training.md).
     Two regularisers pull towards skipping; exactly one is active:
     - λ mode (``skip_target`` None): ``lam * R``, R = mean keep-probability of skippable layers;
     - target mode: ``target_weight * (R - r*)**2`` with ``r* = 1 - skip_target * L / S``: the mean
@@ -67,11 +69,13 @@ class RouterTraining(LoopSettings):
     polarize: float = 0.1
     hard_from: float | None = 0.7
     hard_threshold: float | None = None  # None: as described above; a number: always that threshold
-    per_example: bool = False  # fit = mean over rows of each row's mean token loss (else: mean over tokens)
+    row_tokens: int | None = None  # a row's loss weighs at most this many tokens' worth (None: per token)
     prefixes: float = 0.5
     min_prefix: float = 0.1  # of the prompt's pooled tokens
     distill: float = 3.0  # weight of KL(base with every layer || gated) per response token, added to the CE
-    before_they_existed: ClassVar[dict[str, Any]] = {"prefixes": 0.0, "min_prefix": 0.1, "distill": 0.0}
+    before_they_existed: ClassVar[dict[str, Any]] = {"prefixes": 0.0, "min_prefix": 0.1, "distill": 0.0,
+                                                     "row_tokens": None}
+    no_longer_used: ClassVar[dict[str, Any]] = {"per_example": False}  # per_example=True is row_tokens=1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -86,6 +90,8 @@ class RouterTraining(LoopSettings):
             raise FirstSkipError(f"hard_from must lie in [0, 1], got {self.hard_from}")
         if self.hard_threshold is not None and not 0 < self.hard_threshold < 1:
             raise FirstSkipError(f"hard_threshold must lie in (0, 1), got {self.hard_threshold}")
+        if self.row_tokens is not None and self.row_tokens < 1:
+            raise FirstSkipError(f"row_tokens must be at least 1, got {self.row_tokens}")
 
     def target_keep(self, config: FirstSkipConfig) -> float | None:
         """r*, the mean keep-probability of skippable layers that meets ``skip_target`` (None in λ mode)."""
@@ -120,6 +126,7 @@ class RouterObjective(nn.Module):
         kl = torch.zeros_like(ce) if kl is None else kl
         fit_rows = ce + self.settings.distill * kl
         tokens = (batch.labels != -100).sum(-1)
+        weights = self._row_weights(tokens)
         p = probs[:, self.skippable]
         count = info.rows * len(self.skippable)  # global: sums over rows and layers divide by this
         keep_sum, polar_sum = p.sum(), (p * (1 - p)).sum()
@@ -130,15 +137,21 @@ class RouterObjective(nn.Module):
             # this term has exactly that gradient on every process.
             mean = info.reduce(keep_sum.detach()) / count
             reg = 2 * self.settings.target_weight * (mean - self.target) * keep_sum / count
-        # per_example: each row's mean loss per response token, then the mean over rows
-        fit = (fit_rows / tokens).sum() / info.rows if self.settings.per_example else fit_rows.sum() / info.tokens
+        fit = (fit_rows * weights).sum() / info.reduce((tokens * weights).sum())
         loss = fit + reg + self.settings.polarize * polar_sum / count
         ce, kl = ce.detach(), kl.detach()
-        stats = {"ce": ce.sum(), "kl": kl.sum(), "ce_example": (ce / tokens).sum(), "kl_example": (kl / tokens).sum(),
+        stats = {"ce": ce.sum(), "kl": kl.sum(), "ce_example": (ce / tokens).sum(),
+                 "fit": (fit_rows.detach() * weights).sum(), "weight": (tokens * weights).sum(),
                  "keep": probs.detach().sum(0),
                  "polar": polar_sum.detach(),
                  "skipped": (p.detach() < self.config.threshold).sum().float()}
         return loss, stats
+
+    def _row_weights(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Per row, min(T, row_tokens) / T: the factor on its summed token losses."""
+        if self.settings.row_tokens is None:
+            return torch.ones_like(tokens, dtype=torch.float32)
+        return tokens.clamp(max=self.settings.row_tokens) / tokens
 
     def _shares(self, info: StepInfo) -> torch.Tensor | None:
         """Each local row's share of its prompt the routers read; drawn for the global batch from
@@ -167,16 +180,16 @@ class RouterObjective(nn.Module):
         per_layer = stats["keep"] / info.rows
         keep = float(per_layer[self.skippable].mean())
         ce, kl = (float(stats[key]) / info.tokens for key in ("ce", "kl"))
-        ce_example, kl_example = (float(stats[key]) / info.rows for key in ("ce_example", "kl_example"))
-        weight = self.settings.distill
-        fit = ce_example + weight * kl_example if self.settings.per_example else ce + weight * kl
+        ce_example = float(stats["ce_example"]) / info.rows
+        fit = float(stats["fit"]) / float(stats["weight"])
         if self.target is None:
             reg = self.settings.lam * keep
         else:
             reg = self.settings.target_weight * (keep - self.target) ** 2
         reg += self.settings.polarize * float(stats["polar"]) / (info.rows * len(self.skippable))
         summary = {"loss": round(fit + reg, 5), "ce": round(ce, 5), "ce_example": round(ce_example, 5),
-                   **({"kl": round(kl, 5)} if weight else {}), "reg": round(reg, 5), "keep": round(keep, 4),
+                   **({"kl": round(kl, 5)} if self.settings.distill else {}), "reg": round(reg, 5),
+                   "keep": round(keep, 4),
                    "skip": round(float(stats["skipped"]) / (info.rows * self.config.num_layers), 4),
                    "hard": self.hard(info)}
         if self._tau is not None:

@@ -39,7 +39,7 @@ def train(model: str, data: Sequence[str], out: str | os.PathLike, *, skip_targe
           limit: int | None = None, max_length: int = DEFAULT_MAX_LENGTH, holdout: int = DEFAULT_HOLDOUT,
           lora_steps: int | None = None, lora_lr: float | None = None, lora_rank: int | None = None,
           pooling: str | None = None, prefixes: float | None = None, distill: float | None = None,
-          lora_distill: float | None = None,
+          lora_distill: float | None = None, row_tokens: int | None = None,
           resume: bool = False, overwrite: bool = False, dtype: str = "float32", device: str | None = None,
           progress: bool = True) -> FirstSkipModel:
     """Train routers (and LoRA) on one or more datasets into the run folder ``out``.
@@ -69,6 +69,8 @@ def train(model: str, data: Sequence[str], out: str | os.PathLike, *, skip_targe
         distill: weight of phase 1's KL term from the model with every layer (`RouterTraining.distill`).
         lora_distill: weight of phase 2's KL term from the adapted model with every layer
             (`LoraTraining.distill`).
+        row_tokens: phase 1 weighs a row's loss at most this many response tokens' worth
+            (`RouterTraining.row_tokens`; 0: per token).
         resume: go on from the run's last checkpoint and skip finished phases.
         overwrite: replace an existing run in ``out``.
         dtype: base model dtype; device: where it runs (default: accelerate's choice for this process).
@@ -80,6 +82,7 @@ def train(model: str, data: Sequence[str], out: str | os.PathLike, *, skip_targe
         raise FirstSkipError("give --max-steps or --epochs, not both")
     length = {"steps": None, "epochs": epochs} if epochs is not None else _given(steps=max_steps)
     routers_settings = RouterTraining(**length, **_given(lr=lr, lam=lam, prefixes=prefixes, distill=distill),
+                                      **({} if row_tokens is None else {"row_tokens": row_tokens or None}),
                                       batch_size=batch_size, seed=seed, skip_target=skip_target)
     lora_length = _given(steps=lora_steps) or length
     lora_settings = LoraTraining(**lora_length, **_given(lr=lora_lr, rank=lora_rank, distill=lora_distill),
