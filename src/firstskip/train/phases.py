@@ -91,7 +91,7 @@ class RouterTraining(LoopSettings):
         if self.hard_threshold is not None and not 0 < self.hard_threshold < 1:
             raise FirstSkipError(f"hard_threshold must lie in (0, 1), got {self.hard_threshold}")
         if self.row_tokens is not None and self.row_tokens < 1:
-            raise FirstSkipError(f"row_tokens must be at least 1, got {self.row_tokens}")
+            raise FirstSkipError(f"row_tokens must be at least 1 (None: per token), got {self.row_tokens}")
 
     def target_keep(self, config: FirstSkipConfig) -> float | None:
         """r*, the mean keep-probability of skippable layers that meets ``skip_target`` (None in λ mode)."""
