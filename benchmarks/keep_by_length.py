@@ -12,16 +12,13 @@ mean prompt and reference lengths of the prompts that skip it and of those that 
 from __future__ import annotations
 
 import argparse
+import statistics
 
 import torch
 
 from firstskip.data import encode_prompt, load_examples
 from firstskip.modeling import FirstSkipModel
 from firstskip.train.calibrate import keep_probs
-
-
-def correlation(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
 
 
 def main() -> None:
@@ -49,7 +46,8 @@ def main() -> None:
         lengths = [f"{x[skip].mean():.0f} / {x[~skip].mean():.0f}" if skip.any() and (~skip).any() else "-"
                    for x in (prompt_len, ref_len)]
         print(f"| {layer} | {skip.float().mean():.0%} | {q[0]:.3f} / {q[1]:.3f} / {q[2]:.3f} "
-              f"| {correlation(p, prompt_len):+.2f} | {correlation(p, ref_len):+.2f} | {lengths[0]} | {lengths[1]} |")
+              f"| {statistics.correlation(p.tolist(), prompt_len.tolist()):+.2f} "
+              f"| {statistics.correlation(p.tolist(), ref_len.tolist()):+.2f} | {lengths[0]} | {lengths[1]} |")
 
 
 if __name__ == "__main__":
