@@ -169,9 +169,17 @@ def test_results_json_markdown_and_plots(evaluated):
         assert sum(result["finish"].values()) == toy["items"] == 8
     assert toy["methods"]["full"]["speed"]["decode_speedup"] == 1.0
     assert toy["methods"]["full"]["batched"]["decode_speedup"] == 1.0
+    vs = {name: result["vs"] for name, result in toy["methods"].items()}
+    assert set(vs["full"]) == {"lora-only"} and set(vs["lora-only"]) == {"full"}
+    assert all(set(vs[name]) == {"full", "lora-only"} for name in toy["methods"] if name not in ("full", "lora-only"))
+    for name, ratios in vs.items():
+        for ref, r in ratios.items():
+            score, below = (toy["methods"][m]["metrics"]["accuracy"]["score"] for m in (name, ref))
+            assert r is None if below == 0 else r["ratio"] == pytest.approx(score / below) and r["low"] <= r["ratio"] <= r["high"]
     assert len(toy["layer_keep_rate"]) == results["num_layers"] and toy["layer_keep_rate"][0] == 1.0
     table = (out / "results.md").read_text()
     assert "| method | toy (accuracy) | toysum (rougeL) |" in table and "| shortgpt | " in table
+    assert "| method / reference | toy | toysum |" in table and "| first / lora-only | " in table
     for png in ("pareto.png", "layer_usage.png", "skip_counts.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -11,6 +11,7 @@ from firstskip.metrics import (
     bootstrap_ci,
     corpus_bootstrap_ci,
     evaluate_predictions,
+    paired_ratio,
     extract_final_number,
     primary_metric,
     score_items,
@@ -113,6 +114,28 @@ def test_corpus_bootstrap_brackets_corpus_score_and_handles_uneven_references():
     assert perfect == (100.0, 100.0)
     with pytest.raises(FirstSkipError, match="not a corpus metric"):
         corpus_bootstrap_ci("qa_open", "f1", predictions, references)
+
+
+def test_paired_ratio_is_one_exactly_when_nothing_changes_however_the_items_vary():
+    # Per-item ROUGE-L runs from 0 to 100 here, so each method's own interval is wide; paired, the same
+    # predictions give exactly 1 on every resample.
+    predictions = [SENTENCE, "a cat sat on a mat", "hello there", "nothing alike"] * 5
+    references = [[SENTENCE], ["the cat sat on the mat"], ["hello world"], ["good morning"]] * 5
+    assert paired_ratio("summarization", predictions, predictions, references) == {"ratio": 1.0, "low": 1.0, "high": 1.0}
+    own = evaluate_predictions("summarization", predictions, references)["rougeL"]
+    assert own["high"] - own["low"] > 20
+
+
+def test_paired_ratio_divides_the_scores_and_brackets_the_ratio():
+    references = [[SENTENCE], ["the cat sat on the mat"], ["hello world"], ["good morning"]] * 5
+    baseline = [refs[0] for refs in references]
+    worse = ["the quick brown fox", "the cat sat on the mat", "hello", "good morning"] * 5
+    for task, metric in (("summarization", "rougeL"), ("translation", "chrf")):
+        scores = [evaluate_predictions(task, p, references)[metric]["score"] for p in (worse, baseline)]
+        r = paired_ratio(task, worse, baseline, references)
+        assert r["ratio"] == pytest.approx(scores[0] / scores[1]) and r["ratio"] < 1, task
+        assert r["low"] <= r["ratio"] <= r["high"] <= 1.0 and r["low"] < r["high"], task
+    assert paired_ratio("yesno", ["yes"] * 4, ["no"] * 4, [["yes"]] * 4) is None  # the baseline scores 0
 
 
 # --- open QA ------------------------------------------------------------------------------------

@@ -241,12 +241,15 @@ def eval_(
 ) -> None:
     """Score FiRST against the full model, LoRA-only and static baselines at an equal skip budget."""
     from firstskip.evaluate import evaluate_run
-    from firstskip.evaluate.report import summary
+    from firstskip.evaluate.report import kept_table, summary
 
     _set_threads(threads)
     results = evaluate_run(run, data, methods, limit, out, batch_size, max_new_tokens, threshold, budget,
                            calibration_items, speed_items, dtype=dtype, device=device)
     typer.echo("\n".join(summary(results)))
+    kept = kept_table(results)
+    if kept:
+        typer.echo("\nquality kept (paired 95% interval):\n" + "\n".join(kept))
     typer.echo(f"wrote {out}/results.md, results.json, pareto.png, layer_usage.png, skip_counts.png")
 
 

@@ -297,7 +297,7 @@ def _percentile_bootstrap(
     # One resample at a time keeps memory at O(n_items) however many resamples are asked for.
     stats = np.array([statistic_of(rng.integers(0, n_items, n_items)) for _ in range(n_resamples)])
     tail = 50.0 * (1.0 - confidence)
-    low, high = np.percentile(stats, [tail, 100.0 - tail])
+    low, high = np.nanpercentile(stats, [tail, 100.0 - tail])  # nan: a ratio whose resample divides by 0
     return float(low), float(high)
 
 
@@ -335,14 +335,56 @@ def corpus_bootstrap_ci(
             f"{', '.join(sorted(CORPUS_METRICS))} (use bootstrap_ci on per-item scores otherwise)"
         )
     _check_inputs(predictions, references)
+    score_of = _subset_score(metric, predictions, references, {})
+    return _percentile_bootstrap(len(predictions), score_of, n_resamples, confidence, seed)
+
+
+def _subset_score(
+    metric: str,
+    predictions: Sequence[str],
+    references: Sequence[Sequence[str]],
+    per_item: dict[str, Sequence[float]],
+) -> Callable[[np.ndarray], float]:
+    """The metric's value over the items at some indices (repeats allowed), as `aggregate` computes it."""
+    if metric not in CORPUS_METRICS:
+        values = np.asarray(per_item[metric], dtype=float)
+        return lambda idx: float(values[idx].mean())
     scorer = _sacrebleu_metric(metric, sentence=False)
-    streams = _reference_streams(references)
-    stats = np.array(scorer._extract_corpus_statistics(list(predictions), streams))
+    stats = np.array(scorer._extract_corpus_statistics(list(predictions), _reference_streams(references)))
+    return lambda idx: scorer._compute_score_from_stats(stats[idx].sum(axis=0).tolist()).score
 
-    def corpus_of(idx: np.ndarray) -> float:
-        return scorer._compute_score_from_stats(stats[idx].sum(axis=0).tolist()).score
 
-    return _percentile_bootstrap(len(stats), corpus_of, n_resamples, confidence, seed)
+def paired_ratio(
+    task: str,
+    predictions: Sequence[str],
+    baseline: Sequence[str],
+    references: Sequence[Sequence[str]],
+    choices: Sequence[Sequence[str] | None] | None = None,
+    n_resamples: int = 1000,
+    seed: int = 0,
+) -> dict[str, float] | None:
+    """The primary metric of ``predictions`` over that of ``baseline`` on the same items, with a paired
+    95% bootstrap interval: {"ratio", "low", "high"}; None when the baseline scores 0.
+
+    Both are scored on the same resampled items, so the interval shows how far the two differ item by
+    item, not how easy the sample is. On 100 summaries each method's own interval spans about
+    ±3 ROUGE-L points, which says little about a 2-point gap between two methods; this one says it.
+    """
+    metric = primary_metric(task)
+    score_of = [
+        _subset_score(metric, preds, references, score_items(task, preds, references, choices))
+        for preds in (predictions, baseline)
+    ]
+    everything = np.arange(len(predictions))
+    if score_of[1](everything) <= 0:
+        return None
+
+    def ratio(idx: np.ndarray) -> float:
+        below = score_of[1](idx)
+        return score_of[0](idx) / below if below > 0 else float("nan")
+
+    low, high = _percentile_bootstrap(len(predictions), ratio, n_resamples, 0.95, seed)
+    return {"ratio": ratio(everything), "low": low, "high": high}
 
 
 def evaluate_predictions(
@@ -367,11 +409,7 @@ def evaluate_predictions(
     scores = aggregate(task, predictions, references, per_item)
     result = {}
     for metric, score in scores.items():
-        if metric in CORPUS_METRICS:
-            low, high = corpus_bootstrap_ci(
-                task, metric, predictions, references, n_resamples, seed
-            )
-        else:
-            low, high = bootstrap_ci(per_item[metric], n_resamples, seed=seed)
+        score_of = _subset_score(metric, predictions, references, per_item)
+        low, high = _percentile_bootstrap(len(predictions), score_of, n_resamples, 0.95, seed)
         result[metric] = {"score": score, "low": low, "high": high}
     return result

@@ -33,6 +33,9 @@ _OWN = {
     "first-nolora": Method("first-nolora", tuned=False, routed=True),
 }
 DEFAULT_METHODS: tuple[str, ...] = (*_OWN, *BASELINES)
+# The weights with every layer that a method's score is divided by: the base model, and the base with the
+# run's adapter ("FiRST keeps 95% of the score of the same LoRA without skipping").
+REFERENCES: tuple[str, ...] = ("full", "lora-only")
 
 
 def method_names() -> list[str]:

@@ -55,6 +55,10 @@ def markdown(results: dict[str, Any]) -> str:
              f"Speed ({results['settings']['speed_items']} prompts per dataset): {results['timing']}. "
              f"Threads: {results['environment']['threads']}.", ""]
     lines += ["## Summary: primary metric [95% interval] / decode speedup vs full", "", *summary(results)]
+    kept = kept_table(results)
+    if kept:
+        lines += ["", "## Quality kept: primary metric over the same weights with every layer "
+                      "[paired 95% interval]", "", *kept]
     for name, ds in results["datasets"].items():
         lines += ["", *_dataset_table(name, ds)]
     return "\n".join(lines) + "\n"
@@ -74,6 +78,25 @@ def summary(results: dict[str, Any]) -> list[str]:
                                                f"{_num(r['speed']['decode_speedup'], '.2f')}×")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return lines
+
+
+def kept_table(results: dict[str, Any]) -> list[str]:
+    """Rows "method / reference", datasets as columns: the paired ratios `runner` adds as ``vs``
+    (empty when no reference ran)."""
+    datasets = results["datasets"]
+    pairs = list(dict.fromkeys((m, ref) for ds in datasets.values() for m, r in ds["methods"].items()
+                               for ref in r.get("vs", {})))
+    if not pairs:
+        return []
+    lines = ["| method / reference | " + " | ".join(datasets) + " |", "|---" * (len(datasets) + 1) + "|"]
+    for m, ref in pairs:
+        cells = [_ratio(ds["methods"].get(m, {}).get("vs", {}).get(ref)) for ds in datasets.values()]
+        lines.append(f"| {m} / {ref} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _ratio(r: Mapping[str, float] | None) -> str:
+    return "–" if r is None else f"{r['ratio']:.2f} [{r['low']:.2f}, {r['high']:.2f}]"
 
 
 def _dataset_table(name: str, ds: dict[str, Any]) -> list[str]:

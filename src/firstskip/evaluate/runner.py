@@ -37,9 +37,9 @@ from firstskip.data import Example, collate, encode_example, load_examples
 from firstskip.engine import Generation, Prefilled, Sampling
 from firstskip.errors import FirstSkipError
 from firstskip.evaluate import report
-from firstskip.evaluate.methods import Method, parse_methods, skip_sets
+from firstskip.evaluate.methods import REFERENCES, Method, parse_methods, skip_sets
 from firstskip.evaluate.store import PredictionStore, normalise
-from firstskip.metrics import evaluate_predictions, primary_metric
+from firstskip.metrics import evaluate_predictions, paired_ratio, primary_metric
 from firstskip.modeling import FirstSkipModel
 
 TASK_MAX_NEW_TOKENS: dict[str, int] = {"summarization": 64, "translation": 64, "classification": 8,
@@ -300,12 +300,15 @@ def _single(timed: Mapping[str, Sequence[dict[str, Any]]]) -> dict[str, dict[str
     return out
 
 
+def _choices(ds: Dataset) -> list[list[str] | None] | None:
+    choices = [e.choices for e in ds.examples]
+    return None if all(c is None for c in choices) else choices
+
+
 def _method_result(m: Method, ds: Dataset, records: list[dict[str, Any]], batches: list[list[int]],
                    num_layers: int, k: int, skips: list[list[int] | None], speed: dict[str, Any]) -> dict[str, Any]:
-    choices = [e.choices for e in ds.examples]
-    metrics = evaluate_predictions(ds.task, [r["prediction"] for r in records],
-                                   [e.references for e in ds.examples],
-                                   None if all(c is None for c in choices) else choices)
+    metrics = evaluate_predictions(ds.task, [r["prediction"] for r in records], [e.references for e in ds.examples],
+                                   _choices(ds))
     skipped = [len(r["skipped"]) for r in records]
     static = m.baseline is not None and not m.per_example
     return {
@@ -317,6 +320,15 @@ def _method_result(m: Method, ds: Dataset, records: list[dict[str, Any]], batche
         "batched": _batched(records, batches),
         "finish": {reason: sum(r["finish"] == reason for r in records) for reason in ("eos", "length", "stop")},
     }
+
+
+def _add_quality_ratios(methods: dict[str, dict[str, Any]], ds: Dataset, predictions: Mapping[str, list[str]]) -> None:
+    """Each method's primary metric over each reference's (`REFERENCES` that ran, not itself), with paired
+    95% intervals: on 100 items the methods' own intervals overlap whatever the gap, the paired one does not."""
+    references = [e.references for e in ds.examples]
+    for name, result in methods.items():
+        result["vs"] = {ref: paired_ratio(ds.task, predictions[name], predictions[ref], references, _choices(ds))
+                        for ref in REFERENCES if ref in predictions and ref != name}
 
 
 def _add_batched_ratios(methods: dict[str, dict[str, Any]]) -> None:
@@ -403,6 +415,8 @@ def evaluate_dataset(models: Models, ds: Dataset, methods: Sequence[Method], run
     results = {m.name: _method_result(m, ds, [stores[m.name].records[e.id] for e in ds.examples], batches,
                                       config.num_layers, k, skips[m.name], speed[m.name]) for m in runnable}
     _add_batched_ratios(results)
+    _add_quality_ratios(results, ds, {name: [stores[name].records[e.id]["prediction"] for e in ds.examples]
+                                      for name in results})
     keep = [sum(layer not in d["skipped"] for d in decided) / len(decided) for layer in range(config.num_layers)]
     out_ds: dict[str, Any] = {
         "data": ds.spec, "task": ds.task, "items": len(ds.examples), "primary_metric": primary_metric(ds.task),
