@@ -250,6 +250,39 @@ def test_a_rows_loss_weighs_at_most_row_tokens_tokens():
     torch.testing.assert_close(losses[6], losses[None])  # no row longer than 6
 
 
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_own_path_rows_train_on_what_inference_generates_under_their_skip_set(model_type: str):
+    """`own_path` rows (phase 1's on_policy) are trained as if their reference were the greedy tokens
+    the engine generates under the same skip set (at most the reference's length, ending at EOS),
+    on the KL alone (CE 0); the other rows as without it."""
+    fsm = FirstSkipModel.from_base(f"random:tiny-{model_type}")
+    gen = torch.Generator().manual_seed(0)
+    rows = [(torch.randint(3, 250, (p + r,), generator=gen).tolist(), p) for p, r in [(5, 7), (11, 6), (8, 2), (14, 9)]]
+    own = torch.tensor([True, True, False, True])
+    skip = torch.zeros(4, fsm.config.num_layers, dtype=torch.bool)
+    skip[0, 2] = skip[1, 1] = skip[3, 2] = True
+
+    def generate(eos: list[int]) -> list[list[int]]:  # with the EOS, which the engine does not return
+        gens = [fsm.engine.generate([ids[:p]], Sampling(max_new_tokens=len(ids) - p), [skip[i].nonzero().flatten().tolist()],
+                                    eos)[0] for i, (ids, p) in enumerate(rows)]
+        return [g.token_ids + (eos if g.finish_reason == "eos" else []) for g in gens]
+
+    path = generate([])[3]
+    eos = [t for k, t in enumerate(path) if k >= 2 and t not in path[:k]][:1]  # row 3 ends early (where it can)
+    paths = generate(eos)
+    generated = [(ids[:p] + paths[i], p) if own[i] else (ids, p) for i, (ids, p) in enumerate(rows)]
+
+    def run(rows, **own_path):
+        return prompt_then_response(fsm.model, fsm.engine.controller, fsm.routers, collate(rows, 0),
+                                    lambda probs: hard_gate(skip), distill=True, **own_path)
+
+    ce, _, kl = run(rows, own_path=own, eos=eos)
+    as_references_ce, _, as_references_kl = run(generated)
+    torch.testing.assert_close(kl, as_references_kl, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(ce, as_references_ce.masked_fill(own, 0.0), atol=1e-5, rtol=1e-4)
+    assert bool((kl[own] > 0).all())
+
+
 def test_routers_learn_to_skip_the_layers_the_data_rewards(phase1_run, data):
     losses = [r["loss"] for r in log(phase1_run, "routers")]
     assert sum(losses[-8:]) / 8 < sum(losses[:8]) / 8
@@ -294,7 +327,8 @@ def test_max_drop_calibration_respects_the_budget(phase1_run, data, tmp_path):
 
 
 def test_killed_then_resumed_equals_uninterrupted(data, tmp_path, monkeypatch):
-    settings = RouterTraining(steps=12, batch_size=4, lr=1e-2, skip_target=0.3, hard_from=0.5, checkpoint_every=4)
+    settings = RouterTraining(steps=12, batch_size=4, lr=1e-2, skip_target=0.3, hard_from=0.5, checkpoint_every=4,
+                              on_policy=0.5)  # the steps replayed after the kill are hard ones, some rows on their own path
     train_routers(fresh(), data["train"], tmp_path / "whole", settings, progress=False)
 
     killed_at(monkeypatch, 7, lambda: train_routers(fresh(), data["train"], tmp_path / "killed", settings,
@@ -328,7 +362,7 @@ def test_a_checkpoint_written_before_a_setting_existed_resumes_with_its_old_valu
                                                     progress=False))
     state_path = tmp_path / "old" / loop.CHECKPOINT_DIR / "state.json"
     state = json.loads(state_path.read_text())
-    del state["settings"]["distill"], state["settings"]["row_tokens"]
+    del state["settings"]["distill"], state["settings"]["row_tokens"], state["settings"]["on_policy"]
     for per_example, refused in ((True, r"\['distill', 'per_example'\]"), (False, r"\['distill'\] .*distill=0.0")):
         state_path.write_text(json.dumps({**state, "settings": {**state["settings"], "per_example": per_example}}))
         with pytest.raises(FirstSkipError, match=refused):
@@ -346,7 +380,7 @@ def test_two_processes_agree_with_one(text_tiny, tmp_path):
     if not launcher.exists():
         pytest.skip("accelerate's launcher is not installed")
     options = dict(skip_target=0.3, lora=True, max_steps=4, batch_size=6, limit=12, holdout=4, max_length=48,
-                   progress=False)
+                   on_policy=0.5, progress=False)  # its last router step is a hard one
     script = tmp_path / "train.py"
     script.write_text(
         "import sys\n"
@@ -566,6 +600,7 @@ def test_recipe_resumes_after_a_crash_around_calibration(text_tiny, tmp_path, mo
     (["--distill", "-1"], "distill"),
     (["--lora-distill", "-1"], "LoRA distill"),
     (["--row-tokens", "-1"], "row_tokens"),
+    (["--on-policy", "0.5", "--distill", "0"], "needs distill"),
 ])
 def test_train_command_errors_are_one_line(text_tiny, tmp_path, args, message):
     result = CliRunner().invoke(app, ["train", "-m", TINY, "--data", text_tiny[1], "--out", str(tmp_path / "r"),

@@ -326,6 +326,9 @@ def train(
     row_tokens: Annotated[Optional[int], typer.Option(
         help="Routers' loss: a row weighs at most this many response tokens' worth (default 0: every "
              "token weighs the same; 1: every row does).")] = None,
+    on_policy: Annotated[Optional[float], typer.Option(
+        help="Share of the routers' late (hard-gated) training rows whose response is the skipping model's "
+             "own greedy continuation, trained on the KL alone (default 0: references only).")] = None,
     resume: Annotated[bool, typer.Option(help="Go on from the run's last checkpoint; finished phases are kept.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out.")] = False,
     threads: ThreadsOpt = None,
@@ -339,7 +342,8 @@ def train(
     options = dict(skip_target=skip_target, lam=lam, max_steps=max_steps, epochs=epochs, lr=lr, batch_size=batch_size,
                    seed=seed, limit=limit, max_length=max_length, holdout=holdout, lora_steps=lora_steps,
                    lora_lr=lora_lr, lora_rank=lora_rank, device=device, pooling=pooling,
-                   prefixes=prefixes, distill=distill, lora_distill=lora_distill, row_tokens=row_tokens)
+                   prefixes=prefixes, distill=distill, lora_distill=lora_distill, row_tokens=row_tokens,
+                   on_policy=on_policy)
     fsm = train_run(model, data, out, lora=lora, merge=merge, resume=resume, overwrite=overwrite, dtype=dtype,
                     **{k: v for k, v in options.items() if v is not None})
     typer.echo(json.dumps({"run": str(out), "threshold": fsm.config.threshold,

@@ -39,7 +39,7 @@ def train(model: str, data: Sequence[str], out: str | os.PathLike, *, skip_targe
           limit: int | None = None, max_length: int = DEFAULT_MAX_LENGTH, holdout: int = DEFAULT_HOLDOUT,
           lora_steps: int | None = None, lora_lr: float | None = None, lora_rank: int | None = None,
           pooling: str | None = None, prefixes: float | None = None, distill: float | None = None,
-          lora_distill: float | None = None, row_tokens: int | None = None,
+          lora_distill: float | None = None, row_tokens: int | None = None, on_policy: float | None = None,
           resume: bool = False, overwrite: bool = False, dtype: str = "float32", device: str | None = None,
           progress: bool = True) -> FirstSkipModel:
     """Train routers (and LoRA) on one or more datasets into the run folder ``out``.
@@ -71,6 +71,8 @@ def train(model: str, data: Sequence[str], out: str | os.PathLike, *, skip_targe
             (`LoraTraining.distill`).
         row_tokens: phase 1 weighs a row's loss at most this many response tokens' worth
             (`RouterTraining.row_tokens`; 0: per token).
+        on_policy: share of phase 1's hard-stage rows trained on their own greedy path
+            (`RouterTraining.on_policy`).
         resume: go on from the run's last checkpoint and skip finished phases.
         overwrite: replace an existing run in ``out``.
         dtype: base model dtype; device: where it runs (default: accelerate's choice for this process).
@@ -81,7 +83,8 @@ def train(model: str, data: Sequence[str], out: str | os.PathLike, *, skip_targe
     if max_steps is not None and epochs is not None:
         raise FirstSkipError("give --max-steps or --epochs, not both")
     length = {"steps": None, "epochs": epochs} if epochs is not None else _given(steps=max_steps)
-    routers_settings = RouterTraining(**length, **_given(lr=lr, lam=lam, prefixes=prefixes, distill=distill),
+    routers_settings = RouterTraining(**length, **_given(lr=lr, lam=lam, prefixes=prefixes, distill=distill,
+                                                           on_policy=on_policy),
                                       **({} if row_tokens is None else {"row_tokens": row_tokens or None}),
                                       batch_size=batch_size, seed=seed, skip_target=skip_target)
     lora_length = _given(steps=lora_steps) or length
