@@ -283,6 +283,38 @@ def test_own_path_rows_train_on_what_inference_generates_under_their_skip_set(mo
     assert bool((kl[own] > 0).all())
 
 
+def test_leave_one_out_prices_each_row_by_the_other_rows_mean_keep():
+    """Target mode's penalty gradient on row i's keep-probabilities: 2w (batch mean - r*) / count by
+    default; with leave_one_out, 2w (mean of the *other* rows - r*) / count, so a row's own keep does
+    not raise the price it pays."""
+    fsm = fresh()
+    for router in fsm.routers.routers:
+        torch.nn.init.normal_(router.down.weight, std=0.5)  # rows keep differently
+    gen = torch.Generator().manual_seed(2)
+    batch = collate([(torch.randint(3, 250, (p + r,), generator=gen).tolist(), p) for p, r in [(8, 3), (12, 2), (6, 4)]], 0)
+    info = loop.StepInfo(step=0, total=10, tokens=9, rows=3, reduce=lambda t: t, gather=lambda t: t)
+    params = [p for p in fsm.routers.parameters()]
+    losses = {}
+    for leave_one_out in (False, True):
+        settings = RouterTraining(prefixes=0.0, distill=0.0, polarize=0.0, skip_target=0.25, leave_one_out=leave_one_out)
+        objective = phases.RouterObjective(fsm, settings)
+        objective._gate = lambda probs, info: (lambda layer, p: p)
+        losses[leave_one_out] = objective(batch, info)[0]
+    _, probs, _ = prompt_then_response(fsm.model, fsm.engine.controller, fsm.routers, batch,
+                                       lambda probs: (lambda layer, p: p))
+    rows = probs[:, fsm.config.skippable].sum(-1)  # [3]
+    skippable = len(fsm.config.skippable)
+    mean = rows.detach().sum() / (3 * skippable)
+    others = (rows.detach().sum() - rows.detach()) / (2 * skippable)
+    assert float(others.max() - others.min()) > 1e-3  # the rows do differ
+    expected = 2 * settings.target_weight * ((others - mean) * rows).sum() / (3 * skippable)
+    got = torch.autograd.grad(losses[True] - losses[False], params, allow_unused=True)
+    want = torch.autograd.grad(expected, params, allow_unused=True)
+    for a, b in zip(got, want):
+        if b is not None:
+            torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-4)
+
+
 def test_routers_learn_to_skip_the_layers_the_data_rewards(phase1_run, data):
     losses = [r["loss"] for r in log(phase1_run, "routers")]
     assert sum(losses[-8:]) / 8 < sum(losses[:8]) / 8
@@ -362,7 +394,8 @@ def test_a_checkpoint_written_before_a_setting_existed_resumes_with_its_old_valu
                                                     progress=False))
     state_path = tmp_path / "old" / loop.CHECKPOINT_DIR / "state.json"
     state = json.loads(state_path.read_text())
-    del state["settings"]["distill"], state["settings"]["row_tokens"], state["settings"]["on_policy"]
+    for key in ("distill", "row_tokens", "on_policy", "leave_one_out"):
+        del state["settings"][key]
     for per_example, refused in ((True, r"\['distill', 'per_example'\]"), (False, r"\['distill'\] .*distill=0.0")):
         state_path.write_text(json.dumps({**state, "settings": {**state["settings"], "per_example": per_example}}))
         with pytest.raises(FirstSkipError, match=refused):
@@ -380,7 +413,7 @@ def test_two_processes_agree_with_one(text_tiny, tmp_path):
     if not launcher.exists():
         pytest.skip("accelerate's launcher is not installed")
     options = dict(skip_target=0.3, lora=True, max_steps=4, batch_size=6, limit=12, holdout=4, max_length=48,
-                   on_policy=0.5, progress=False)  # its last router step is a hard one
+                   on_policy=0.5, leave_one_out=True, progress=False)  # its last router step is a hard one
     script = tmp_path / "train.py"
     script.write_text(
         "import sys\n"

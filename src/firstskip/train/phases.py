@@ -47,6 +47,12 @@ class RouterTraining(LoopSettings):
     - target mode: ``target_weight * (R - r*)**2`` with ``r* = 1 - skip_target * L / S``: the mean
       keep-probability at which skipping S(1 - R) of the S skippable layers skips ``skip_target``
       of all L layers (protected layers count as kept).
+    ``leave_one_out``: in target mode, each row's penalty gradient takes the mean keep-probability of
+    the batch's *other* rows. The gradient of the batch's ``(R - r*)**2`` raises the price of keeping a
+    layer for a row that keeps more than the mean (its own keep raises the batch mean it pays on), by
+    ``(its mean - the batch's) / B``: in expectation it penalises the batch mean's variance, which
+    prompts that differ create, and so pushes skips from cheap rows (yes/no) to dear ones (summaries).
+    Leaving the row out gives every row the gradient of ``(E[R] - r*)**2``, the target on the data.
     ``polarize * mean p(1 - p)`` pushes each p towards 0 or 1. From step ``hard_from * steps`` on,
     gates are straight-through hard ones: forward 1[p >= tau], gradient of p, with tau = the
     config's threshold in λ mode and, in target mode, the threshold that meets the target on the
@@ -79,8 +85,9 @@ class RouterTraining(LoopSettings):
     min_prefix: float = 0.1  # of the prompt's pooled tokens
     distill: float = 3.0  # weight of KL(base with every layer || gated) per response token, added to the CE
     on_policy: float = 0.0  # share of hard-stage rows trained on their own greedy path (KL only)
+    leave_one_out: bool = False  # target mode: a row's penalty gradient from the other rows' mean keep
     before_they_existed: ClassVar[dict[str, Any]] = {"prefixes": 0.0, "min_prefix": 0.1, "distill": 0.0,
-                                                     "row_tokens": None, "on_policy": 0.0}
+                                                     "row_tokens": None, "on_policy": 0.0, "leave_one_out": False}
     no_longer_used: ClassVar[dict[str, Any]] = {"per_example": False}  # per_example=True is row_tokens=1
 
     def __post_init__(self) -> None:
@@ -146,7 +153,12 @@ class RouterObjective(nn.Module):
             # d/dp of w (mean - r*)^2 needs the mean over the *global* batch; with it as a constant,
             # this term has exactly that gradient on every process.
             mean = info.reduce(keep_sum.detach()) / count
-            reg = 2 * self.settings.target_weight * (mean - self.target) * keep_sum / count
+            if self.settings.leave_one_out and info.rows > 1:  # each row's price from the batch's other rows
+                rows = p.sum(-1)
+                others = (mean * count - rows.detach()) / (count - len(self.skippable))
+                reg = 2 * self.settings.target_weight * ((others - self.target) * rows).sum() / count
+            else:
+                reg = 2 * self.settings.target_weight * (mean - self.target) * keep_sum / count
         fit = (fit_rows * weights).sum() / info.reduce((tokens * weights).sum())
         loss = fit + reg + self.settings.polarize * polar_sum / count
         ce, kl = ce.detach(), kl.detach()
