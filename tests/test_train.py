@@ -634,6 +634,7 @@ def test_recipe_resumes_after_a_crash_around_calibration(text_tiny, tmp_path, mo
     (["--lora-distill", "-1"], "LoRA distill"),
     (["--row-tokens", "-1"], "row_tokens"),
     (["--on-policy", "0.5", "--distill", "0"], "needs distill"),
+    (["--leave-one-out", "--lambda", "0.01"], "give --skip-target"),
 ])
 def test_train_command_errors_are_one_line(text_tiny, tmp_path, args, message):
     result = CliRunner().invoke(app, ["train", "-m", TINY, "--data", text_tiny[1], "--out", str(tmp_path / "r"),

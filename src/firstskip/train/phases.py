@@ -108,6 +108,8 @@ class RouterTraining(LoopSettings):
         if not 0 <= self.on_policy <= 1 or (self.on_policy and not self.distill):
             raise FirstSkipError(f"on_policy must lie in [0, 1] and needs distill > 0 (its rows train on the KL "
                                  f"alone), got on_policy={self.on_policy}, distill={self.distill}")
+        if self.leave_one_out and self.skip_target is None:
+            raise FirstSkipError("leave_one_out prices rows against a skip target; give --skip-target too")
         if self.row_tokens is not None and self.row_tokens < 1:
             raise FirstSkipError(f"row_tokens must be at least 1 (None: per token), got {self.row_tokens}")
 
