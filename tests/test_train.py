@@ -315,6 +315,57 @@ def test_leave_one_out_prices_each_row_by_the_other_rows_mean_keep():
             torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-4)
 
 
+def test_secant_gates_train_p_on_the_cost_of_the_decision():
+    """A picked gate runs at its drawn value and alone passes p's gradient, `scale` times. Averaged over
+    uniform values, its slope is L(keep) - L(skip), the cost of the decision (the mean value theorem),
+    which the straight-through slope at the kept gate is not."""
+    fsm = fresh()
+    gen = torch.Generator().manual_seed(3)
+    batch = collate([(torch.randint(3, 250, (p + r,), generator=gen).tolist(), p) for p, r in [(9, 6), (7, 5)]], 0)
+    picked = torch.zeros(2, fsm.config.num_layers, dtype=torch.bool)
+    picked[0, 2] = True
+
+    def slope(gate_fn: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+        held = []
+
+        def make_gate(probs: torch.Tensor):
+            probs.retain_grad()
+            held.append(probs)
+            return gate_fn
+
+        ce, _, _ = prompt_then_response(fsm.model, fsm.engine.controller, fsm.routers, batch, make_gate)
+        ce.sum().backward()
+        return ce.sum().detach(), held[0].grad
+
+    n, scale = 64, 7.0
+    grads = [slope(phases.secant_gate(0.5, picked, torch.full(picked.shape, (k + 0.5) / n), scale))[1] for k in range(n)]
+    mean = torch.stack(grads).mean(0)
+    assert bool((mean[~picked] == 0).all())  # only the picked gate trains p
+    skip = torch.zeros_like(picked)
+    skip[0, 2] = True
+    keep_all, _ = slope(hard_gate(torch.zeros_like(picked)))
+    skipped, _ = slope(hard_gate(skip))
+    secant = float(keep_all - skipped)
+    assert abs(secant) > 1e-3
+    assert float(mean[0, 2]) == pytest.approx(scale * secant, rel=2e-3)
+    tangent = float(slope(phases.straight_through(0.5))[1][0, 2])
+    assert abs(tangent - secant) > 0.1 * abs(secant)
+
+
+def test_secant_draws_pick_that_many_skippable_layers_a_row_from_seed_and_step_alone():
+    fsm = fresh()
+    objective = phases.RouterObjective(fsm, RouterTraining(secant=3, skip_target=0.25))
+    info = loop.StepInfo(step=5, total=10, tokens=9, rows=4, reduce=lambda t: t, gather=lambda t: t)
+    picked, at = objective._secant_draws(info)
+    assert picked.sum(-1).tolist() == [3, 3, 3, 3]
+    assert not picked[:, fsm.config.protected].any()
+    assert bool(((at > 0) & (at < 1))[picked].all())
+    assert torch.equal(picked, objective._secant_draws(info)[0])
+    assert not torch.equal(picked, objective._secant_draws(dataclasses.replace(info, step=6))[0])
+    second = objective._secant_draws(dataclasses.replace(info, rank=1, world=2))  # the second of two processes
+    assert torch.equal(second[0], picked[1::2]) and torch.equal(second[1], at[1::2])
+
+
 def test_routers_learn_to_skip_the_layers_the_data_rewards(phase1_run, data):
     losses = [r["loss"] for r in log(phase1_run, "routers")]
     assert sum(losses[-8:]) / 8 < sum(losses[:8]) / 8
@@ -358,9 +409,10 @@ def test_max_drop_calibration_respects_the_budget(phase1_run, data, tmp_path):
         calibrate(run, data["held"], skip_target=0.2, max_drop=0.1)
 
 
-def test_killed_then_resumed_equals_uninterrupted(data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("hard_stage", [{"on_policy": 0.5, "secant": 0}, {"secant": 2}], ids=["on-policy", "secant"])
+def test_killed_then_resumed_equals_uninterrupted(data, tmp_path, monkeypatch, hard_stage):
     settings = RouterTraining(steps=12, batch_size=4, lr=1e-2, skip_target=0.3, hard_from=0.5, checkpoint_every=4,
-                              on_policy=0.5)  # the steps replayed after the kill are hard ones, some rows on their own path
+                              **hard_stage)  # the steps replayed after the kill are hard ones (own paths, secant draws)
     train_routers(fresh(), data["train"], tmp_path / "whole", settings, progress=False)
 
     killed_at(monkeypatch, 7, lambda: train_routers(fresh(), data["train"], tmp_path / "killed", settings,
@@ -388,13 +440,13 @@ def test_a_checkpoint_written_before_a_setting_existed_resumes_with_its_old_valu
     """Checkpoints from before distillation lack the key; they trained without it (distill=0). Those from
     before row_tokens hold per_example instead: False is row_tokens=None, True (row_tokens=1) is refused."""
     settings = RouterTraining(steps=8, batch_size=4, lr=1e-2, skip_target=0.3, checkpoint_every=4, distill=0.0,
-                              row_tokens=None)
+                              row_tokens=None, secant=0)  # as before those settings existed
     train_routers(fresh(), data["train"], tmp_path / "whole", settings, progress=False)
     killed_at(monkeypatch, 5, lambda: train_routers(fresh(), data["train"], tmp_path / "old", settings,
                                                     progress=False))
     state_path = tmp_path / "old" / loop.CHECKPOINT_DIR / "state.json"
     state = json.loads(state_path.read_text())
-    for key in ("distill", "row_tokens", "on_policy", "leave_one_out"):
+    for key in ("distill", "row_tokens", "on_policy", "leave_one_out", "secant"):
         del state["settings"][key]
     for per_example, refused in ((True, r"\['distill', 'per_example'\]"), (False, r"\['distill'\] .*distill=0.0")):
         state_path.write_text(json.dumps({**state, "settings": {**state["settings"], "per_example": per_example}}))
@@ -413,7 +465,7 @@ def test_two_processes_agree_with_one(text_tiny, tmp_path):
     if not launcher.exists():
         pytest.skip("accelerate's launcher is not installed")
     options = dict(skip_target=0.3, lora=True, max_steps=4, batch_size=6, limit=12, holdout=4, max_length=48,
-                   on_policy=0.5, leave_one_out=True, progress=False)  # its last router step is a hard one
+                   leave_one_out=True, progress=False)  # its last router step is a hard one, with secant draws
     script = tmp_path / "train.py"
     script.write_text(
         "import sys\n"
@@ -635,6 +687,7 @@ def test_recipe_resumes_after_a_crash_around_calibration(text_tiny, tmp_path, mo
     (["--row-tokens", "-1"], "row_tokens"),
     (["--on-policy", "0.5", "--distill", "0"], "needs distill"),
     (["--leave-one-out", "--lambda", "0.01"], "give --skip-target"),
+    (["--on-policy", "0.5"], "needs secant=0"),
 ])
 def test_train_command_errors_are_one_line(text_tiny, tmp_path, args, message):
     result = CliRunner().invoke(app, ["train", "-m", TINY, "--data", text_tiny[1], "--out", str(tmp_path / "r"),

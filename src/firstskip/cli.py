@@ -328,10 +328,13 @@ def train(
              "token weighs the same; 1: every row does).")] = None,
     on_policy: Annotated[Optional[float], typer.Option(
         help="Share of the routers' late (hard-gated) training rows whose response is the skipping model's "
-             "own greedy continuation, trained on the KL alone (default 0: references only).")] = None,
+             "own greedy continuation, trained on the KL alone (default 0: references only; needs --secant 0).")] = None,
     leave_one_out: Annotated[Optional[bool], typer.Option(
         "--leave-one-out/--batch-mean", help="Target mode: each row's pull towards the target comes from the "
         "mean keep-probability of the batch's other rows, not the batch's own mean (default: --batch-mean).")] = None,
+    secant: Annotated[Optional[int], typer.Option(
+        help="Routers' late (hard-gated) training: this many gates per row run at a random value and train "
+             "on the cost of skipping the layer, not the slope at the hard gate (default 4; 0: straight-through).")] = None,
     resume: Annotated[bool, typer.Option(help="Go on from the run's last checkpoint; finished phases are kept.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out.")] = False,
     threads: ThreadsOpt = None,
@@ -346,7 +349,7 @@ def train(
                    seed=seed, limit=limit, max_length=max_length, holdout=holdout, lora_steps=lora_steps,
                    lora_lr=lora_lr, lora_rank=lora_rank, device=device, pooling=pooling,
                    prefixes=prefixes, distill=distill, lora_distill=lora_distill, row_tokens=row_tokens,
-                   on_policy=on_policy, leave_one_out=leave_one_out)
+                   on_policy=on_policy, leave_one_out=leave_one_out, secant=secant)
     fsm = train_run(model, data, out, lora=lora, merge=merge, resume=resume, overwrite=overwrite, dtype=dtype,
                     **{k: v for k, v in options.items() if v is not None})
     typer.echo(json.dumps({"run": str(out), "threshold": fsm.config.threshold,

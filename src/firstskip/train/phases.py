@@ -2,7 +2,7 @@
 
 Both phases run every layer (the controller's train mode): prompt tokens pass each layer unchanged
 and the routers pool them into p_l; response tokens pass the gated residual ``h + g (f(h) - h)``.
-Phase 1 gates with ``g = p_l`` and, late in training, with a straight-through hard gate; phase 2
+Phase 1 gates with ``g = p_l`` and, late in training, with hard gates (their gradient from secant slopes); phase 2
 gates with the hard decision inference makes. What differs between the phases is an objective
 module the shared loop (`loop.py`) calls; nothing else.
 """
@@ -56,7 +56,7 @@ class RouterTraining(LoopSettings):
     Measured, the correction is small (the tasks' keep-probabilities lie close together) and did not
     lift SAMSum's ratio over three seeds (docs/training.md).
     ``polarize * mean p(1 - p)`` pushes each p towards 0 or 1. From step ``hard_from * steps`` on,
-    gates are straight-through hard ones: forward 1[p >= tau], gradient of p, with tau = the
+    gates are hard ones: forward 1[p >= tau], gradient through ``secant`` (below), with tau = the
     config's threshold in λ mode and, in target mode, the threshold that meets the target on the
     batch (as calibration will choose it): a mean keep-probability at the target does not make
     a threshold of 0.5 skip the target's share of layers (measured: 0-16% instead of 25%).
@@ -72,6 +72,14 @@ class RouterTraining(LoopSettings):
     teacher-forced on references, a skipped layer that sends greedy decoding elsewhere after a few
     tokens costs little; on the path inference takes, the KL sees where it goes. At 0.5 it did not
     lift SAMSum's ratio over three seeds (docs/training.md). The logged ``ce`` counts those rows as 0.
+    ``secant`` (default 4): in the hard stage, the number of gates per row that run at a uniform random
+    value in (0, 1) and alone carry the fit's gradient to p, scaled by S / secant (S skippable layers).
+    The slope at a uniform point averages to L(keep) - L(skip), the cost of the decision itself. The
+    straight-through slope at the hard value (``secant=0``) is the tangent there, near 0 for a kept
+    layer however dear it is to skip, so the penalty pulls such a layer down to tau and keeps it there.
+    Measured over three seeds: the same SAMSum ratio to LoRA-only, with more of the skips on the
+    summaries, where decoding is long, and fewer on yes/no answers (docs/training.md). Own-path rows
+    (``on_policy``) are decoded under hard gates, so the two do not combine.
     """
 
     steps: int | None = 120
@@ -88,8 +96,10 @@ class RouterTraining(LoopSettings):
     distill: float = 3.0  # weight of KL(base with every layer || gated) per response token, added to the CE
     on_policy: float = 0.0  # share of hard-stage rows trained on their own greedy path (KL only)
     leave_one_out: bool = False  # target mode: a row's penalty gradient from the other rows' mean keep
+    secant: int = 4  # hard stage: gates per row at a random value whose slope alone trains p (0: straight-through)
     before_they_existed: ClassVar[dict[str, Any]] = {"prefixes": 0.0, "min_prefix": 0.1, "distill": 0.0,
-                                                     "row_tokens": None, "on_policy": 0.0, "leave_one_out": False}
+                                                     "row_tokens": None, "on_policy": 0.0, "leave_one_out": False,
+                                                     "secant": 0}
     no_longer_used: ClassVar[dict[str, Any]] = {"per_example": False}  # per_example=True is row_tokens=1
 
     def __post_init__(self) -> None:
@@ -110,6 +120,9 @@ class RouterTraining(LoopSettings):
                                  f"alone), got on_policy={self.on_policy}, distill={self.distill}")
         if self.leave_one_out and self.skip_target is None:
             raise FirstSkipError("leave_one_out prices rows against a skip target; give --skip-target too")
+        if self.secant < 0 or (self.secant and self.on_policy):
+            raise FirstSkipError(f"secant must be >= 0, and on_policy needs secant=0 (--secant 0: own paths are "
+                                 f"decoded under hard gates), got secant={self.secant}, on_policy={self.on_policy}")
         if self.row_tokens is not None and self.row_tokens < 1:
             raise FirstSkipError(f"row_tokens must be at least 1 (None: per token), got {self.row_tokens}")
 
@@ -202,16 +215,31 @@ class RouterObjective(nn.Module):
         return values[:, info.rank::info.world].to(next(self.routers.parameters()).device)
 
     def _gate(self, probs: torch.Tensor, info: StepInfo) -> GateFn:
-        """Soft gates, then straight-through hard ones. In target mode the hard threshold is the one
-        that meets the target on this batch, as calibration will choose it for inference; a fixed
-        0.5 would skip far fewer layers while the mean keep-probability sits at the target."""
+        """Soft gates, then hard ones (secant or straight-through slopes). In target mode the hard
+        threshold is the one that meets the target on this batch, as calibration will choose it for
+        inference; a fixed 0.5 would skip far fewer layers while the mean keep-probability sits at the
+        target."""
         self._tau = None
         if self.target is not None:
             self._tau = threshold_for_ratio(info.gather(probs.detach()), self.config, self.settings.skip_target)
         if not self.hard(info):
             return lambda layer, p: p
         tau = self.settings.hard_threshold or (self.config.threshold if self._tau is None else self._tau)
-        return straight_through(tau)
+        if not self.settings.secant:
+            return straight_through(tau)
+        picked, at = self._secant_draws(info)
+        return secant_gate(tau, picked, at, len(self.skippable) / min(self.settings.secant, len(self.skippable)))
+
+    def _secant_draws(self, info: StepInfo) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(picked, at)`` [local rows, L]: ``secant`` skippable layers per row, drawn uniformly, and the
+        gate values they run at; from (seed, step) like every draw."""
+        count = len(self.skippable)
+        order, values = self._draw(info, 2 * count, salt=2 << 32).T.split(count, dim=-1)
+        index = torch.tensor(self.skippable, device=order.device)
+        shape = (len(order), self.config.num_layers)
+        lowest = order.argsort(-1).argsort(-1) < self.settings.secant  # rank of each layer's draw in its row
+        picked = torch.zeros(shape, dtype=torch.bool, device=order.device).index_copy_(1, index, lowest)
+        return picked, torch.ones(shape, device=order.device).index_copy_(1, index, values)
 
     def summarize(self, stats: dict[str, torch.Tensor], info: StepInfo) -> dict[str, Any]:
         per_layer = stats["keep"] / info.rows
@@ -238,6 +266,15 @@ def straight_through(tau: float) -> GateFn:
     """Forward 1[p >= tau], backward the gradient of p."""
     def gate(layer: int, p: torch.Tensor) -> torch.Tensor:
         return (p >= tau).to(p.dtype) + p - p.detach()
+    return gate
+
+
+def secant_gate(tau: float, picked: torch.Tensor, at: torch.Tensor, scale: float) -> GateFn:
+    """Forward 1[p >= tau], except ``picked`` [B, L] gates, which run at ``at`` [B, L] and alone pass the
+    gradient of p, ``scale`` times (1 / the chance a gate is picked): an unbiased estimate of each gate's
+    secant slope L(1) - L(0) over the uniform draws of ``at``."""
+    def gate(layer: int, p: torch.Tensor) -> torch.Tensor:
+        return torch.where(picked[:, layer], at[:, layer] + (p - p.detach()) * scale, (p >= tau).to(p.dtype))
     return gate
 
 

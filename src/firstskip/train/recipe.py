@@ -40,7 +40,7 @@ def train(model: str, data: Sequence[str], out: str | os.PathLike, *, skip_targe
           lora_steps: int | None = None, lora_lr: float | None = None, lora_rank: int | None = None,
           pooling: str | None = None, prefixes: float | None = None, distill: float | None = None,
           lora_distill: float | None = None, row_tokens: int | None = None, on_policy: float | None = None,
-          leave_one_out: bool | None = None,
+          leave_one_out: bool | None = None, secant: int | None = None,
           resume: bool = False, overwrite: bool = False, dtype: str = "float32", device: str | None = None,
           progress: bool = True) -> FirstSkipModel:
     """Train routers (and LoRA) on one or more datasets into the run folder ``out``.
@@ -76,6 +76,8 @@ def train(model: str, data: Sequence[str], out: str | os.PathLike, *, skip_targe
             (`RouterTraining.on_policy`).
         leave_one_out: price each phase-1 row's keep from the other rows' mean
             (`RouterTraining.leave_one_out`).
+        secant: gates per row whose random-point slope trains phase 1's hard stage
+            (`RouterTraining.secant`).
         resume: go on from the run's last checkpoint and skip finished phases.
         overwrite: replace an existing run in ``out``.
         dtype: base model dtype; device: where it runs (default: accelerate's choice for this process).
@@ -87,7 +89,8 @@ def train(model: str, data: Sequence[str], out: str | os.PathLike, *, skip_targe
         raise FirstSkipError("give --max-steps or --epochs, not both")
     length = {"steps": None, "epochs": epochs} if epochs is not None else _given(steps=max_steps)
     routers_settings = RouterTraining(**length, **_given(lr=lr, lam=lam, prefixes=prefixes, distill=distill,
-                                                           on_policy=on_policy, leave_one_out=leave_one_out),
+                                                           on_policy=on_policy, leave_one_out=leave_one_out,
+                                                           secant=secant),
                                       **({} if row_tokens is None else {"row_tokens": row_tokens or None}),
                                       batch_size=batch_size, seed=seed, skip_target=skip_target)
     lora_length = _given(steps=lora_steps) or length
