@@ -688,6 +688,7 @@ def test_recipe_resumes_after_a_crash_around_calibration(text_tiny, tmp_path, mo
     (["--on-policy", "0.5", "--distill", "0"], "needs distill"),
     (["--leave-one-out", "--lambda", "0.01"], "give --skip-target"),
     (["--on-policy", "0.5"], "needs secant=0"),
+    (["--secant", "-1"], "secant must be >= 0"),
 ])
 def test_train_command_errors_are_one_line(text_tiny, tmp_path, args, message):
     result = CliRunner().invoke(app, ["train", "-m", TINY, "--data", text_tiny[1], "--out", str(tmp_path / "r"),
