@@ -385,6 +385,30 @@ def calibrate(
     typer.echo(json.dumps(dataclasses.asdict(result)))
 
 
+@app.command(epilog="Examples:\n\n"
+             "  firstskip export --run runs/mix --task-set builtin:xsum --out out/mix-xsum\n\n"
+             "  firstskip export -m smollm2-135m --skip 10-17 --out out/smollm2-22\n\n"
+             "  firstskip export -m smollm2-135m --skip 10-17 --format gguf --out out/smollm2-22-gguf")
+def export(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write (new or empty).")],
+    model: ModelOpt = None,
+    run: RunOpt = None,
+    fmt: Annotated[str, typer.Option("--format", help="pruned (a Hugging Face folder) or gguf (llama.cpp; "
+                                                      "models that come from a GGUF file).")] = "pruned",
+    skip: Annotated[Optional[str], typer.Option(help="Layers to remove, e.g. 10,11,12 or 10-17.")] = None,
+    task_set: Annotated[Optional[str], typer.Option(
+        help="Remove the skip set the run's routers choose most often on this dataset's test prompts.")] = None,
+    limit: Annotated[int, typer.Option(help="Test prompts read for --task-set.")] = 100,
+    dtype: DtypeOpt = "float32",
+) -> None:
+    """Write a plain, smaller checkpoint with one skip set's layers removed (LoRA merged)."""
+    from firstskip.export import export as export_checkpoint
+
+    result = export_checkpoint(out, fmt, model=model, run=run, skip=parse_layers(skip), task_set=task_set,
+                               limit=limit, dtype=dtype)
+    typer.echo(json.dumps(result))
+
+
 @app.command(epilog="Examples:\n\n  firstskip demo --quick\n\n  firstskip demo --out my-demo")
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the run, the evaluation, the plots and report.md.")] = Path(

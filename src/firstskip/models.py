@@ -119,6 +119,20 @@ def model_reference(name: str) -> str:
     return _locate(name)[1]
 
 
+def source_gguf(name: str, work: Path) -> Path | None:
+    """The GGUF file a packaged model is converted from (its parts joined and checked in ``work``
+    when it ships in several), or None for a model that does not come from a GGUF."""
+    kind, ref = _locate(name)
+    if kind != "packaged":
+        return None
+    spec = PACKAGED[ref]
+    parts = _part_paths(spec, required=True)
+    if len(parts) == 1:
+        return parts[0]
+    _concat_verified(parts, work / "source.gguf", spec.sha256)
+    return work / "source.gguf"
+
+
 def list_models() -> list[dict[str, Any]]:
     """Every packaged model and random preset, then the cache folder, for ``firstskip models``."""
     rows = [_packaged_row(name, spec) for name, spec in PACKAGED.items()]
