@@ -57,18 +57,18 @@ def assert_same(exported, fsm: FirstSkipModel, skip: list[int], seed: int = 0) -
     torch.testing.assert_close(logits, ref_logits, **TOLERANCE[torch.float32])
 
 
-def save_run(fsm: FirstSkipModel, folder, lora: bool = False, **training) -> None:
-    """A run folder on a tiny base; with ``lora``, a random (non-zero) adapter on q and v."""
+def save_run(fsm: FirstSkipModel, folder, lora: tuple[str, ...] = (), scale: float = 0.5, **training) -> None:
+    """A run folder; with ``lora`` (target modules), a random non-zero adapter on them."""
     if lora:
         gen = torch.Generator().manual_seed(0)
         with peft_quietly():
-            peft = get_peft_model(fsm.model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+            peft = get_peft_model(fsm.model, LoraConfig(r=4, lora_alpha=8, target_modules=list(lora)))
         with torch.no_grad():
             for name, p in peft.named_parameters():
                 if "lora_B" in name:
-                    p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+                    p.copy_(torch.randn(p.shape, generator=gen) * scale)
         peft.save_pretrained(folder / "adapter")
-        fsm.config = fsm.config.replace(lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]})
+        fsm.config = fsm.config.replace(lora={"r": 4, "alpha": 8, "target_modules": list(lora)})
     fsm.config = fsm.config.replace(training=training or None)
     fsm.save_pretrained(folder)
 
@@ -94,7 +94,7 @@ def test_pruned_export_equals_routed_prefill(model_type, tmp_path):
 
 
 def test_a_run_exports_with_its_lora_merged(tmp_path):
-    save_run(FirstSkipModel.from_base("random:tiny-llama"), tmp_path / "run", lora=True)
+    save_run(FirstSkipModel.from_base("random:tiny-llama"), tmp_path / "run", lora=("q_proj", "v_proj"))
     export(tmp_path / "out", run=tmp_path / "run", skip=[3])
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     assert not any("lora" in key for key in exported.state_dict())
@@ -127,8 +127,8 @@ def test_most_common_skip_set_counts_the_routers_decisions():
         most_common_skip_set(fsm, [])
 
 
-def test_task_set_on_a_run_of_the_packaged_model(tmp_path, smollm2):
-    fsm = FirstSkipModel.wrap(*smollm2, base_model="smollm2-135m")
+def test_task_set_on_a_run_of_the_packaged_model(tmp_path):
+    fsm = FirstSkipModel.from_base("smollm2-135m")
     set_keep_probs(fsm, {12: 0.1, 13: 0.1})
     save_run(fsm, tmp_path / "run")
     data = tmp_path / "data"
@@ -167,12 +167,26 @@ def test_gguf_export_of_the_packaged_model(tmp_path, smollm2):
     assert plain(loaded.eval(), ids)[0] == plain(pruned_copy(smollm2[0], skip), ids)[0]
 
 
-def test_gguf_export_refuses_what_it_cannot_write(tmp_path):
-    save_run(FirstSkipModel.from_base("random:tiny-llama"), tmp_path / "run", lora=True)
-    with pytest.raises(FirstSkipError, match="gguf export of a LoRA run is not supported"):
-        export(tmp_path / "out", "gguf", run=tmp_path / "run", skip=[2])
-    with pytest.raises(FirstSkipError, match="come from a GGUF"):
-        export(tmp_path / "out", "gguf", model="random:tiny-llama", skip=[2])
+def test_gguf_export_of_a_lora_run_holds_the_adapted_weights(tmp_path, smollm2):
+    save_run(FirstSkipModel.from_base("smollm2-135m"), tmp_path / "run", lora=("q_proj", "k_proj", "v_proj"),
+             scale=0.02)
+    result = export(tmp_path / "out", "gguf", run=tmp_path / "run", skip=[3, 20])
+    assert result["lora_changed_tensors"] == 3 * 30  # q, k and v of every block (written as float32)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", gguf_file="model.gguf", dtype=torch.float32)
+    merged = pruned_copy(FirstSkipModel.from_pretrained(tmp_path / "run").model, [3, 20])
+    ids = smollm2[1]("The capital of France is")["input_ids"]
+    tokens, logits = plain(loaded.eval(), ids)
+    ref_tokens, ref_logits = plain(merged, ids)
+    assert tokens == ref_tokens
+    torch.testing.assert_close(logits, ref_logits, **TOLERANCE[torch.float32])
+    assert not torch.allclose(logits, plain(pruned_copy(smollm2[0], [3, 20]), ids)[1]), "the adapter is missing"
+
+
+def test_gguf_export_needs_a_model_from_a_gguf(tmp_path):
+    save_run(FirstSkipModel.from_base("random:tiny-llama"), tmp_path / "run")
+    for source in (dict(model="random:tiny-llama"), dict(run=tmp_path / "run")):
+        with pytest.raises(FirstSkipError, match="come from a GGUF"):
+            export(tmp_path / "out", "gguf", skip=[2], **source)
     assert not (tmp_path / "out").exists()
 
 

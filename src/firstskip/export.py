@@ -8,7 +8,8 @@ task) needs no router and no firstskip at serving time: the skipped layers can s
   (``layer_types``) cut the same way; a run's LoRA adapter is merged first.
 - ``gguf``: for a model that came from a GGUF file (the packaged models), that file copied with the
   skipped ``blk.N.*`` tensors dropped, the others renumbered and ``<arch>.block_count`` (and any
-  per-layer metadata array) cut; tensors keep their quantization.
+  per-layer metadata array) cut; tensors keep their quantization, except those a run's LoRA changed
+  (llama GGUFs), which are written merged, in float32.
 
 Both write a ``firstskip_export.json`` beside the weights saying which layers were removed and why.
 """
@@ -180,9 +181,6 @@ def _export_gguf(out: Path, model: str | None, run: str | os.PathLike | None, co
                  skip: Sequence[int] | None, task_set: str | None, limit: int, info: dict[str, Any]) -> dict[str, Any]:
     from firstskip.models import source_gguf
 
-    if config is not None and (config.merged or config.lora is not None):
-        raise FirstSkipError("gguf export of a LoRA run is not supported yet (it would hold the weights "
-                             "without the adapter); use --format pruned")
     base = info["base_model"]
     if not base:
         raise FirstSkipError(f"run {run} does not record its base model")
@@ -191,10 +189,12 @@ def _export_gguf(out: Path, model: str | None, run: str | os.PathLike | None, co
         if src is None:
             raise FirstSkipError(f"gguf export works for models that come from a GGUF file (the packaged "
                                  f"models), not {base!r}; use --format pruned")
+        adapted = config is not None and (config.merged or config.lora is not None)
+        fsm = _load(model, run, "float32") if task_set is not None or adapted else None
         if task_set is not None:
-            skip, info["skip_source"] = _task_set(_load(model, run, "float32"), task_set, limit)
+            skip, info["skip_source"] = _task_set(fsm, task_set, limit)
         info["source_gguf"] = src.name
-        written = _write_gguf_dir(out, src, skip, info)
+        written = _write_gguf_dir(out, src, skip, info, fsm.model if adapted else None, base)
     return {"out": str(out), **written}
 
 
@@ -203,30 +203,73 @@ def _parent(out: Path) -> Path:
     return out.absolute().parent
 
 
-def _write_gguf_dir(out: Path, src: Path, skip: Sequence[int], info: dict[str, Any]) -> dict[str, Any]:
+def _write_gguf_dir(out: Path, src: Path, skip: Sequence[int], info: dict[str, Any], adapted: Any,
+                    base: str) -> dict[str, Any]:
     from gguf import GGUFReader
 
     reader = GGUFReader(src)
     arch = reader.fields["general.architecture"].contents()
     num_layers = int(reader.fields[f"{arch}.block_count"].contents())
     keep = kept_layers(skip, num_layers)
-    info |= {"skip": sorted(set(skip)), "kept_layers": keep, "num_layers": num_layers, "file": GGUF_NAME}
+    replace = {} if adapted is None else adapted_tensors(reader, adapted, base)
+    info |= {"skip": sorted(set(skip)), "kept_layers": keep, "num_layers": num_layers, "file": GGUF_NAME,
+             "lora_changed_tensors": len(replace)}
 
     def write(tmp: str) -> None:
-        write_pruned_gguf(reader, Path(tmp) / GGUF_NAME, keep)
+        write_pruned_gguf(reader, Path(tmp) / GGUF_NAME, keep, replace)
         _write_info(Path(tmp), info)
 
     artifacts.atomic_dir(out, write)
     return info
 
 
-def write_pruned_gguf(reader: Any, dest: Path, keep: list[int]) -> None:
+def adapted_tensors(reader: Any, adapted: Any, base: str) -> dict[str, Any]:
+    """GGUF name -> float32 array (GGUF's layout) of every weight a run's merged LoRA changed.
+
+    The base model is loaded again and compared weight by weight, so whatever the adapter touched is
+    found without trusting its config. Only llama GGUFs are handled: their q/k rows are permuted the
+    way llama.cpp's converter does, which transformers undoes when it reads them.
+    """
+    import torch
+    from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+
+    from firstskip.models import load_model
+
+    arch = reader.fields["general.architecture"].contents()
+    if arch != "llama":
+        raise FirstSkipError(f"gguf export of a LoRA run is supported for llama GGUFs only, not {arch!r}; "
+                             "use --format pruned")
+    config = adapted.config
+    names = get_tensor_name_map({v: k for k, v in MODEL_ARCH_NAMES.items()}[arch], config.num_hidden_layers)
+    plain = load_model(base)[0].state_dict()
+    heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
+    out = {}
+    for key, weight in adapted.state_dict().items():
+        if torch.equal(weight, plain[key]):
+            continue
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise FirstSkipError(f"the run changes {key}, which has no GGUF name; use --format pruned")
+        array = weight.detach().float().cpu().numpy()
+        kind = name.split(".")[2] if name.startswith("blk.") else ""
+        out[name] = _permute(array, heads[kind]) if kind in heads and array.ndim == 2 else array
+    return out
+
+
+def _permute(weight: Any, n_head: int) -> Any:
+    """Hugging Face q/k rows -> llama.cpp's order (its converter's ``permute``)."""
+    return (weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
+            .swapaxes(1, 2).reshape(weight.shape))
+
+
+def write_pruned_gguf(reader: Any, dest: Path, keep: list[int], replace: dict[str, Any] | None = None) -> None:
     """Copy a GGUF (a ``GGUFReader``) to ``dest`` keeping only blocks ``keep``, renumbered 0..len-1.
 
     Metadata is copied as is except ``<arch>.block_count`` and any ``<arch>.*`` array with one entry
-    per block, which are cut; tensor data is copied byte for byte (quantized stays quantized).
+    per block, which are cut; tensor data is copied byte for byte (quantized stays quantized), except
+    tensors named (by their source name) in ``replace``, written as the given float32 arrays.
     """
-    from gguf import GGUFValueType, GGUFWriter
+    from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 
     arch = reader.fields["general.architecture"].contents()
     num_layers = int(reader.fields[f"{arch}.block_count"].contents())
@@ -244,14 +287,19 @@ def write_pruned_gguf(reader: Any, dest: Path, keep: list[int]) -> None:
             writer.data_alignment = int(value)
         writer.add_key_value(field.name, value, vtype, sub_type=sub_type)
     renumber = {old: new for new, old in enumerate(keep)}
-    tensors = [(name, t) for t in reader.tensors if (name := _renamed(t.name, renumber)) is not None]
-    for name, tensor in tensors:
-        writer.add_tensor_info(name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type)
+    replace = replace or {}
+    tensors = [(name, replace.get(t.name), t) for t in reader.tensors
+               if (name := _renamed(t.name, renumber)) is not None]
+    for name, new, tensor in tensors:
+        if new is None:
+            writer.add_tensor_info(name, tensor.data.shape, tensor.data.dtype, tensor.data.nbytes, tensor.tensor_type)
+        else:
+            writer.add_tensor_info(name, new.shape, new.dtype, new.nbytes, GGMLQuantizationType.F32)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for _, tensor in tensors:
-        writer.write_tensor_data(tensor.data, tensor_endianess=reader.endianess)
+    for _, new, tensor in tensors:
+        writer.write_tensor_data(tensor.data if new is None else new, tensor_endianess=reader.endianess)
     writer.close()
 
 
