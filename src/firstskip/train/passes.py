@@ -8,8 +8,7 @@ as at inference. The two-piece pass of phase 1 left-pads the prompts, as the eng
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,10 +31,10 @@ def gated_forward(model: nn.Module, controller: SkipController, batch: Batch,
     """
     has_label = (batch.labels != -100).any(0).nonzero()
     start = int(has_label[0]) if len(has_label) else batch.labels.shape[1] - 1
-    with controller.mode_ctx("train", prompt_mask=batch.prompt_mask, gate_fn=gate_fn):
+    with controller.mode_ctx("train", prompt_mask=batch.prompt_mask, gate_fn=gate_fn) as state:
         logits = model(input_ids=batch.input_ids, use_cache=False,
                        logits_to_keep=batch.input_ids.shape[1] - start).logits
-        probs = torch.stack(controller.probs, dim=-1)
+    probs = state.stacked_probs()
     return logits, batch.labels[:, start:], probs
 
 
@@ -188,20 +187,11 @@ def prompt_keep_probs(model: nn.Module, controller: SkipController, batch: Batch
     was_training = model.training
     model.eval()
     try:
-        with full_prefill(controller), controller.mode_ctx("prefill", prompt_mask=batch.prompt_mask[:, :width]):
+        # `full` prefill whatever the config says: training and calibration model it, where each p_l
+        # depends on the prompt only, never on other layers' decisions.
+        with controller.mode_ctx("prefill", prompt_mask=batch.prompt_mask[:, :width],
+                                 config=controller.config.replace(prefill="full")) as state:
             model(input_ids=batch.input_ids[:, :width], use_cache=False, logits_to_keep=1)
-            return torch.stack(controller.probs, dim=-1)
+        return state.stacked_probs()
     finally:
         model.train(was_training)
-
-
-@contextmanager
-def full_prefill(controller: SkipController) -> Iterator[None]:
-    """Score prompts through every layer whatever the config's prefill mode: training and calibration
-    model `full` prefill, where each p_l depends on the prompt only, never on other layers' decisions."""
-    config = controller.config
-    controller.config = config.replace(prefill="full")
-    try:
-        yield
-    finally:
-        controller.config = config
