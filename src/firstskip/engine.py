@@ -1,30 +1,30 @@
 """The generation engine: prefill decides each sequence's skip set, decode runs the kept layers only.
 
 The engine works on token ids and skip sets; it never sees text, datasets or losses (the tokenizer
-lives in `firstskip.modeling`). Its hot path is small on purpose: ``_step`` is one forward call of
-the model with a fixed list of layers to run, with no router and no per-token Python decision, so
-a static-cache / CUDA-graph path can replace it later without touching prefill or sampling.
-
-A batch is prefilled and decoded together (left padding). A layer skipped by every row does not
-run; a layer kept by only some rows runs for those rows alone; a row produces what it produces
-alone.
+lives in `firstskip.modeling`). Prefill is the model's own forward (left-padded), during which the
+routers score the prompt; decoding is the engine's own loop (`decoding.py`): each request's kept
+layers only, its KV in a slot of a pool, with no router and no per-token Python decision beyond
+sampling and stop checks. Requests join and leave a running `Batch` between steps. A layer skipped
+by every row does not run; a layer kept by some rows runs for those rows alone; a row produces what
+it produces alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+import functools
+import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from transformers import DynamicCache
 
 from firstskip.config import FirstSkipConfig
+from firstskip.decoding import Batch, LayerStack, Request, StopFn
 from firstskip.errors import FirstSkipError
-from firstskip.families import cache_kwargs
+from firstskip.families import cache_kwargs, family_of
 from firstskip.routers import RouterBank, decide
 from firstskip.skipping import SkipCache, SkipController
-
-StopFn = Callable[[list[int]], bool]  # generated ids of one row -> stop now?
 
 
 @dataclass
@@ -66,19 +66,30 @@ class Generation:
 
 @dataclass
 class Prefilled:
-    """The state after prefill: next-token logits, the cache and each row's decisions."""
+    """The state after prefill: next-token logits, the prompt's cache and each row's decisions."""
 
     logits: torch.Tensor  # [B, V]
-    cache: SkipCache
+    cache: DynamicCache
     mask: torch.Tensor | None  # [B, P] attention mask, None when no row is padded
     positions: torch.Tensor  # [B] position id of each row's last prompt token
     skip: torch.Tensor  # [B, L] bool
     probs: torch.Tensor | None  # [B, L] keep-probabilities, None without routers
     prompt_lens: list[int] = field(default_factory=list)
 
+    def kv(self, row: int) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+        """Row ``row``'s prompt keys and values [kv_heads, P, head_dim] per layer it keeps, else None."""
+        pad = self.cache.layers[0].keys.shape[2] - self.prompt_lens[row] if self.cache.layers else 0
+        return [None if self.skip[row, i] else (layer.keys[row, :, pad:], layer.values[row, :, pad:])
+                for i, layer in enumerate(self.cache.layers)]
+
 
 class Engine:
-    """Generates with per-sequence layer skipping on a Hugging Face causal LM."""
+    """Generates with per-sequence layer skipping on a Hugging Face causal LM.
+
+    The engine holds only what all generations share (model, routers, default decision settings);
+    each generation's state lives in its own `Prefilled`, `Batch` and `Request`, so any number of
+    generations and streams may run on one engine, interleaved or in threads.
+    """
 
     def __init__(self, model: torch.nn.Module, config: FirstSkipConfig, routers: RouterBank | None = None,
                  pad_token_id: int = 0) -> None:
@@ -86,48 +97,36 @@ class Engine:
         self.controller = SkipController(model, config, routers)
         self.pad_token_id = pad_token_id
         self.device = next(model.parameters()).device
-
-    @contextmanager
-    def routers_off(self) -> Iterator[None]:
-        """Prefill as the plain model: routers neither run nor decide (forced skip sets, or none).
-
-        Baselines and the full model are timed like this, so their time to first token carries no
-        router cost that they would not pay in deployment.
-        """
-        routers, self.routers = self.routers, None
-        self.controller.routers = None
-        try:
-            yield
-        finally:
-            self.routers = self.controller.routers = routers
+        self.stack = LayerStack(model, self.controller.inner) if family_of(model).own_decode else None
+        if self.stack is None:
+            _notice(f"{model.config.model_type}: decoding through the model's own forward (slower; "
+                    "no joining a running batch)")
 
     # -- prefill ---------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, prompts: Sequence[Sequence[int]], skip: Sequence[Sequence[int]] | None = None) -> Prefilled:
-        """Run the prompts, let routers (or a forced skip set per row) fix each row's skip set."""
+    def prefill(self, prompts: Sequence[Sequence[int]], skip: Sequence[Sequence[int]] | None = None,
+                config: FirstSkipConfig | None = None, routers: bool = True) -> Prefilled:
+        """Run the prompts, let routers (or a forced skip set per row) fix each row's skip set.
+
+        ``config``: decision settings for these prompts only (default: the engine's).
+        ``routers=False`` prefills as the plain model (forced skip sets, or none): baselines and the
+        full model are timed so, carrying no router cost they would not pay in deployment.
+        """
+        config = config or self.config
         ids, mask = self._left_pad(prompts)
         positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
         forced = self.forced_skip(skip, len(prompts))
-        cache = SkipCache(self.model.config)
-        ctl = self.controller
-        with ctl.mode_ctx("prefill", prompt_mask=mask, skip=forced):
+        cache = DynamicCache() if self.stack is not None else SkipCache(self.model.config)
+        use_routers = routers and self.routers is not None
+        with self.controller.mode_ctx("prefill", prompt_mask=mask, skip=forced, config=config,
+                                      routers=use_routers) as state:
             logits = self.model(input_ids=ids, attention_mask=None if mask.all() else mask,
                                 position_ids=positions, **cache_kwargs(self.model, cache),
                                 logits_to_keep=1).logits[:, -1]
-            probs = torch.stack(ctl.probs, dim=-1) if self.routers is not None else None
-            routed_skip = ctl.skip
-        skip_mask = self._final_skip(forced, routed_skip, probs, len(prompts))
+        probs = state.stacked_probs()
+        skip_mask = _final_skip(config, forced, state.skip, probs, len(prompts), self.device)
         return Prefilled(logits, cache, None if mask.all() else mask, positions[:, -1], skip_mask, probs,
                          [len(p) for p in prompts])
-
-    def _final_skip(self, forced, routed_skip, probs, batch: int) -> torch.Tensor:
-        if forced is not None:
-            return forced
-        if self.config.prefill == "routed" and routed_skip is not None:
-            return routed_skip
-        if probs is None:
-            return torch.zeros(batch, self.config.num_layers, dtype=torch.bool, device=self.device)
-        return decide(probs, self.config)
 
     def forced_skip(self, skip: Sequence[Sequence[int]] | None, batch: int) -> torch.Tensor | None:
         if skip is None:
@@ -164,14 +163,45 @@ class Engine:
         return self.decode(self.prefill(prompts, skip), sampling, eos_token_ids, stop)
 
     def decode(self, pre: Prefilled, sampling: Sampling | None = None, eos_token_ids: Sequence[int] = (),
-               stop: StopFn | None = None) -> list[Generation]:
-        """Decode every row of a prefilled batch together, each row skipping its own layers."""
-        gens = [self._new_generation(pre, row) for row in range(pre.skip.shape[0])]
-        steps = self._decode_steps(pre, sampling or Sampling())
-        for column in steps:
-            if all([_finished(gen, token, eos_token_ids, stop) for gen, token in zip(gens, column)]):
-                steps.close()
-        return gens
+               stop: StopFn | None = None, batch: Batch | None = None) -> list[Generation]:
+        """Decode every row of a prefilled batch, each row skipping its own layers; a row leaves the
+        batch as soon as it ends. ``batch``: run in this (empty) batch, e.g. to read its pool."""
+        sampling = sampling or Sampling()
+        if self.stack is None:
+            return _forward_decode(self, pre, sampling, eos_token_ids, stop)
+        batch = batch or self.new_batch(len(pre.prompt_lens), max(pre.prompt_lens) + sampling.max_new_tokens)
+        requests = self.join(batch, pre, sampling, eos_token_ids, stop)
+        while batch.requests:
+            batch.step()
+        return [r.generation for r in requests]
+
+    def new_batch(self, capacity: int = 1, max_len: int = 0) -> Batch:
+        """An empty running batch; ``capacity`` and ``max_len`` size its cache pool (it grows)."""
+        if self.stack is None:
+            raise FirstSkipError(f"{self.model.config.model_type} decodes through the model's forward, "
+                                 "which cannot join requests into a running batch")
+        return Batch(self.stack, self.config.num_layers, capacity, max_len)
+
+    def join(self, batch: Batch, pre: Prefilled, sampling: Sampling | None = None,
+             eos_token_ids: Sequence[int] = (), stop: StopFn | None = None) -> list[Request]:
+        """Sample each prefilled row's first token and add the rows that go on to ``batch``."""
+        sampling = sampling or Sampling()
+        greedy = pre.logits.argmax(-1).tolist()
+        requests = []
+        for row in range(len(pre.prompt_lens)):
+            gen = self._new_generation(pre, row)
+            generator = _generator(sampling.seed, self.device)
+            draw = functools.partial(_sample_one, sampling=sampling, generator=generator)
+            first = greedy[row] if sampling.temperature == 0 else draw(pre.logits[row])
+            finished = functools.partial(_finished, gen, eos=eos_token_ids, stop=stop)
+            request = Request(gen, pre.prompt_lens[row], first, draw, finished, sampling.max_new_tokens - 1,
+                              sampling.temperature == 0)
+            requests.append(request)
+            if finished(first) or request.budget == 0:
+                request.done = True
+            else:
+                batch.join(request, pre.kv(row))
+        return requests
 
     def stream(self, prompt: Sequence[int], sampling: Sampling | None = None, skip: Sequence[int] | None = None,
                eos_token_ids: Sequence[int] = (), stop: StopFn | None = None) -> Stream:
@@ -184,54 +214,74 @@ class Engine:
         skipped = pre.skip[row].nonzero().squeeze(-1).tolist()
         return Generation([], skipped, probs, pre.prompt_lens[row])
 
-    @torch.inference_mode()
-    def _decode_steps(self, pre: Prefilled, sampling: Sampling) -> Iterator[list[int]]:
-        """Yield one column of new tokens per step."""
-        cache, mask, positions, logits = pre.cache, pre.mask, pre.positions, pre.logits
-        cache.freeze(set(pre.skip.all(dim=0).nonzero().squeeze(-1).tolist()))
-        generator = _generator(sampling.seed, self.device)
-        self.controller.set_decode(pre.skip)
-        try:
-            for step in range(sampling.max_new_tokens):
-                tokens = sample(logits, sampling, generator)
-                yield tokens.tolist()
-                if step + 1 == sampling.max_new_tokens:
-                    return
-                positions = positions + 1
-                if mask is not None:
-                    mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
-                logits = self._step(tokens, positions, mask, cache)
-        finally:
-            self.controller.mode = "off"
-
-    def _step(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
-              cache: SkipCache) -> torch.Tensor:
-        out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, None],
-                         **cache_kwargs(self.model, cache), logits_to_keep=1)
-        return out.logits[:, -1]
-
 
 class Stream:
-    """An iterator of new token ids for one prompt; ``result`` holds the Generation once done."""
+    """An iterator of new token ids for one prompt; ``result`` holds the Generation once done.
+
+    It owns its batch (of one request) and steps it only when asked for the next token, so streams
+    and other generations on the same engine can be interleaved freely.
+    """
 
     def __init__(self, engine: Engine, pre: Prefilled, sampling: Sampling, eos: Sequence[int],
                  stop: StopFn | None) -> None:
+        self._engine, self._pre, self._sampling, self._eos, self._stop = engine, pre, sampling, eos, stop
         self.result = engine._new_generation(pre, 0)
-        self._steps = engine._decode_steps(pre, sampling)
-        self._eos, self._stop = eos, stop
 
     @property
     def skipped_layers(self) -> list[int]:
         return self.result.skipped_layers
 
     def __iter__(self) -> Iterator[int]:
-        for (token,) in self._steps:
-            done = _finished(self.result, token, self._eos, self._stop)
-            if self.result.finish_reason != "eos":
-                yield token
-            if done:
-                self._steps.close()
+        if self._engine.stack is None:
+            gens = _forward_decode(self._engine, self._pre, self._sampling, self._eos, self._stop)
+            self.result = gens[0]
+            yield from self.result.token_ids
+            return
+        batch = self._engine.new_batch(1, self._pre.prompt_lens[0] + self._sampling.max_new_tokens)
+        (request,) = self._engine.join(batch, self._pre, self._sampling, self._eos, self._stop)
+        self.result = request.generation
+        sent = 0
+        while True:
+            yield from self.result.token_ids[sent:]
+            sent = len(self.result.token_ids)
+            if request.done:
                 return
+            batch.step()
+
+
+def _final_skip(config: FirstSkipConfig, forced: torch.Tensor | None, routed: torch.Tensor | None,
+                probs: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
+    if forced is not None:
+        return forced
+    if config.prefill == "routed" and routed is not None:
+        return routed
+    if probs is None:
+        return torch.zeros(batch, config.num_layers, dtype=torch.bool, device=device)
+    return decide(probs, config)
+
+
+@torch.inference_mode()
+def _forward_decode(engine: Engine, pre: Prefilled, sampling: Sampling, eos: Sequence[int],
+                    stop: StopFn | None) -> list[Generation]:
+    """The fallback decode loop of a family the engine's own loop does not run: every step is one
+    call of the model's forward, the layers' skipping plan held by this call's own `Pass`."""
+    gens = [engine._new_generation(pre, row) for row in range(pre.skip.shape[0])]
+    cache, mask, positions, logits = pre.cache, pre.mask, pre.positions, pre.logits
+    cache.freeze(set(pre.skip.all(dim=0).nonzero().squeeze(-1).tolist()))
+    generator = _generator(sampling.seed, engine.device)
+    with engine.controller.decode_ctx(pre.skip):
+        for step in range(sampling.max_new_tokens):
+            tokens = sample(logits, sampling, generator)
+            if all([_finished(gen, token, eos, stop) for gen, token in zip(gens, tokens.tolist())]):
+                break
+            if step + 1 == sampling.max_new_tokens:
+                break
+            positions = positions + 1
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
+            logits = engine.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=positions[:, None],
+                                  **cache_kwargs(engine.model, cache), logits_to_keep=1).logits[:, -1]
+    return gens
 
 
 def _finished(gen: Generation, token: int, eos: Sequence[int], stop: StopFn | None) -> bool:
@@ -246,6 +296,15 @@ def _finished(gen: Generation, token: int, eos: Sequence[int], stop: StopFn | No
         gen.finish_reason = "stop"
         return True
     return False
+
+
+def _sample_one(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None) -> int:
+    return int(sample(logits[None], sampling, generator)[0])
+
+
+@functools.cache
+def _notice(message: str) -> None:
+    print(f"firstskip: {message}", file=sys.stderr)
 
 
 def _generator(seed: int | None, device: torch.device) -> torch.Generator | None:

@@ -2,9 +2,12 @@
 
 Everything firstskip needs to know about a model family lives in `FAMILIES`: where the decoder
 layers sit, which attribute of a layer holds the attention module (it carries ``layer_idx``, which a
-pruned copy must renumber), which linear layers LoRA targets, and a tiny config for seeded random
-test models. Every family's layer is called by the model's own forward and returns a tensor (the
-transformers 5 convention), so no per-family calling code is needed. Adding a family is one row.
+pruned copy must renumber), which linear layers LoRA targets, a tiny config for seeded random test
+models, and which modules the engine's own decode loop calls around the layers (embedding, final
+norm, rotary table or learned positions). Every family's layer takes the hidden states, a mask,
+its position table and a cache by keyword and returns a tensor (the transformers 5 convention), so
+no per-family calling code is needed; sliding windows and layer types come from transformers' own
+per-layer config. Adding a family is one row.
 """
 
 from __future__ import annotations
@@ -31,6 +34,16 @@ class Family:
     attention: str  # attribute of one decoder layer that holds its attention module
     lora_targets: tuple[str, ...]
     tiny: dict[str, Any] = field(default_factory=dict)  # config kwargs of a tiny random model
+    # What the engine's own decode loop (`decoding.py`) calls around the layers. The embedding
+    # module applies any scale itself (Gemma's); ``rotary`` is None where positions are learned
+    # (``learned_positions``); ``rotary_by_type``: the rotary module takes the layer type
+    # (Gemma 3's local and global bases). ``own_decode=False`` decodes through the model's forward.
+    embed: str = "model.embed_tokens"
+    norm: str = "model.norm"
+    rotary: str | None = "model.rotary_emb"
+    learned_positions: str | None = None
+    rotary_by_type: bool = False
+    own_decode: bool = True
 
 
 FAMILIES: dict[str, Family] = {
@@ -42,12 +55,13 @@ FAMILIES: dict[str, Family] = {
                      {**_TINY, "head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16}),
     "gemma3_text": Family("model.layers", "self_attn", _LLAMA_LORA,
                           {**_TINY, "head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16,
-                           "sliding_window_pattern": 2}),
+                           "sliding_window_pattern": 2}, rotary_by_type=True),
     "phi3": Family("model.layers", "self_attn", ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
                    {**_TINY, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),
     "gpt2": Family("transformer.h", "attn", ("c_attn", "c_proj", "c_fc"),
                    dict(n_embd=64, n_layer=6, n_head=4, vocab_size=256, n_positions=512,
-                        bos_token_id=1, eos_token_id=2)),
+                        bos_token_id=1, eos_token_id=2),
+                   embed="transformer.wte", norm="transformer.ln_f", rotary=None, learned_positions="transformer.wpe"),
 }
 
 

@@ -23,7 +23,6 @@ import platform
 import statistics
 import time
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -209,10 +208,9 @@ def generate_batch(fsm: FirstSkipModel, m: Method, prompts: list[list[int]], ski
                    sampling: Sampling, stop_at_eos: bool = True) -> tuple[list[Generation], dict[str, float]]:
     """One batch of one method, with its own prefill; both phases timed."""
     engine = fsm.engine
-    with nullcontext() if m.routed else engine.routers_off():
-        start = _now(engine.device)
-        pre = engine.prefill(prompts, None if m.routed else skips)
-        prefilled = _now(engine.device)
+    start = _now(engine.device)
+    pre = engine.prefill(prompts, None if m.routed else skips, routers=m.routed)
+    prefilled = _now(engine.device)
     return decode_batch(fsm, pre, sampling, stop_at_eos, prefilled - start)
 
 
