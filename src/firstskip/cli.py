@@ -112,21 +112,26 @@ def _print_stream(fsm, prompt, sampling, raw, layers, stops) -> None:
     sys.stdout.write("\n")
 
 
-@app.command(epilog="Example:\n\n  firstskip bench -m smollm2-135m --skip 10-17 --batch-size 1 "
-                    "--prompt-len 256 --new-tokens 64 --json")
+@app.command(epilog="Examples:\n\n  firstskip bench -m smollm2-135m --skip 10-17 --batch-size 1 "
+                    "--prompt-len 256 --new-tokens 64 --json\n\n"
+                    "  firstskip bench -r runs/mine --data ../shared/data/samsum --batch-size 8 --memory")
 def bench(
     model: ModelOpt = None,
     run: RunOpt = None,
     skip: SkipOpt = None,
+    data: Annotated[Optional[str], typer.Option("--data", "-d", help="Real prompts: the first --batch-size "
+                                                "test prompts of a dataset (the routers choose per row).")] = None,
     batch_size: Annotated[int, typer.Option(help="Prompts decoded together.")] = 1,
-    prompt_len: Annotated[int, typer.Option(help="Prompt length in tokens.")] = 256,
+    prompt_len: Annotated[int, typer.Option(help="Prompt length in tokens (random prompts).")] = 256,
     new_tokens: Annotated[int, typer.Option(help="Tokens generated per prompt.")] = 64,
     repeats: Annotated[int, typer.Option(help="Timed runs per variant (medians are reported).")] = 5,
+    memory: Annotated[bool, typer.Option("--memory", help="Also each variant's peak resident memory, "
+                                         "in a process of its own.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
 ) -> None:
-    """Time the full model, FiRST and a physically pruned copy in one process."""
+    """Time the full model, FiRST and a physically pruned copy, interleaved in one process."""
     from firstskip.bench import run_bench
 
     for name, value in (("--batch-size", batch_size), ("--prompt-len", prompt_len),
@@ -137,7 +142,13 @@ def bench(
     layers = parse_layers(skip)
     if layers is None and run is None:
         raise FirstSkipError("give --skip (e.g. --skip 10-17) or a trained --run whose routers choose")
-    result = run_bench(fsm, layers, batch_size, prompt_len, new_tokens, repeats)
+    prompts = None
+    if data is not None:
+        from firstskip.data import encode_prompt, load_examples
+
+        prompts = [encode_prompt(fsm.tokenizer, ex.prompt) for ex in load_examples(data, "test", limit=batch_size)]
+    result = run_bench(fsm, layers, batch_size, prompt_len, new_tokens, repeats, prompts=prompts,
+                       memory=str(run if run is not None else model) if memory else None)
     if as_json:
         typer.echo(json.dumps(result))
         return
@@ -148,15 +159,25 @@ def _print_bench(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"decode speed, batch {result['setup']['batch_size']}, skip {result['setup']['skip']}")
-    for col in ("variant", "decode tok/s", "TTFT s", "end-to-end s", "KV cache MB"):
+    setup = result["setup"]
+    skips = setup["skip"] if setup["skip"] is not None else "per row (routers)"
+    table = Table(title=f"decode speed, batch {setup['batch_size']}, skip {skips}")
+    columns = ["variant", "decode tok/s", "TTFT s", "end-to-end s", "KV cache MB"]
+    memory = "peak_rss_mb" in result["full"]
+    for col in columns + (["peak RSS MB"] if memory else []):
         table.add_column(col)
     for name in ("full", "first", "pruned"):
-        r = result[name]
-        table.add_row(name, f"{r['decode_tok_s']:.1f}", f"{r['ttft_s']:.3f}", f"{r['e2e_s']:.2f}", f"{r['kv_cache_mb']:.1f}")
+        if name in result:
+            r = result[name]
+            row = [name, f"{r['decode_tok_s']:.1f}", f"{r['ttft_s']:.3f}", f"{r['e2e_s']:.2f}", f"{r['kv_cache_mb']:.1f}"]
+            table.add_row(*row, *([f"{r['peak_rss_mb']:.0f}"] if memory else []))
     console = Console()
     console.print(table)
-    console.print(f"first/full {result['first_over_full']:.3f}x   first/pruned {result['first_over_pruned']:.3f}x")
+    ratios = "   ".join(f"{k.replace('_over_', '/')} {result[k]:.3f}x" for k in
+                         ("first_over_full", "pruned_over_full", "first_over_pruned") if k in result)
+    console.print(f"{ratios}   (bound {result['bound']:.3f}x; medians of per-repeat ratios)")
+    for fault in result["faults"]:
+        console.print(f"[red]measurement fault:[/red] {fault}")
 
 
 @app.command(epilog="Examples:\n\n  firstskip models\n\n  firstskip models --json")
