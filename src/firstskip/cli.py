@@ -430,6 +430,47 @@ def export(
     typer.echo(json.dumps(result))
 
 
+@app.command(epilog="Examples:\n\n"
+             "  firstskip serve -m smollm2-135m --port 8000\n\n"
+             "  firstskip serve --run runs/mix --max-batch-size 16 --max-queue 128 --api-key secret\n\n"
+             "  firstskip serve --run runs/mix --budget 0.25 --served-model-name mix\n\n"
+             "Then: curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' "
+             "-d '{\"messages\": [{\"role\": \"user\", \"content\": \"Hi\"}], \"max_tokens\": 16}'")
+def serve(
+    model: ModelOpt = None,
+    run: RunOpt = None,
+    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    max_batch_size: Annotated[int, typer.Option(help="Requests decoded together at most.")] = 8,
+    max_queue: Annotated[int, typer.Option(help="Requests waiting for a batch slot at most; more get 429.")] = 64,
+    api_key: Annotated[Optional[str], typer.Option(
+        envvar="FIRSTSKIP_API_KEY", help="Refuse /v1 requests without 'Authorization: Bearer KEY' (401).")] = None,
+    served_model_name: Annotated[Optional[str], typer.Option(
+        help="The model id clients name (default: the run folder's name or --model).")] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="Default decision: keep layer l iff p_l >= this.")] = None,
+    budget: Annotated[Optional[float], typer.Option(help="Default decision: skip this fraction of layers.")] = None,
+    grace: Annotated[float, typer.Option(help="On SIGTERM, seconds running requests may take to finish "
+                                         "before they are cancelled.")] = 30.0,
+    threads: ThreadsOpt = None,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = "cpu",
+) -> None:
+    """Serve the model over HTTP with OpenAI's API (completions, chat, streaming), skipping per request."""
+    from firstskip.server import server
+
+    _set_threads(threads)
+    typer.echo(f"loading {run or model} ...", err=True)
+    fsm = load(model, run, dtype, device)
+    fsm.set_decision(threshold=threshold, budget=budget)
+    name = served_model_name or (run.name if run is not None else model)
+    srv = server(fsm, name, host, port, grace, max_batch_size=max_batch_size, max_queue=max_queue, api_key=api_key)
+    cfg = fsm.config
+    decision = f"budget {cfg.skip_ratio}" if cfg.decision == "budget" else f"threshold {cfg.threshold}"
+    typer.echo(f"firstskip serve: {name} ({cfg.num_layers} layers, {decision}, {dtype}) on http://{host}:{port}/v1 "
+               f"(batch {max_batch_size}, queue {max_queue}{', API key' if api_key else ''})", err=True)
+    srv.run()
+
+
 @app.command(epilog="Examples:\n\n  firstskip demo --quick\n\n  firstskip demo --out my-demo")
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the run, the evaluation, the plots and report.md.")] = Path(
