@@ -218,14 +218,25 @@ def test_a_client_that_disconnects_mid_stream_leaves_the_batch(srv):
             break
     assert len(srv.worker.batch.requests) == 1
     stream.close()
+    metrics = _until_cancelled(srv, 1)
+    assert _metric(metrics, "firstskip_running_requests") == "0" and not srv.worker.batch.requests
+    assert all(not slots.owners for slots in srv.worker.batch.pool.layers)  # its cache slots are free
+
+    body = {"prompt": PROMPTS[3], "max_tokens": 200, "temperature": 0}  # a whole answer, given up on
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(srv.url + "/v1/completions", json=body, timeout=httpx.Timeout(1.5, connect=5))
+    _until_cancelled(srv, 2)
+
+
+def _until_cancelled(srv, count: int) -> str:
+    """/metrics once ``count`` requests have been cancelled and none runs (20 s at most)."""
     deadline = time.monotonic() + 20
-    while srv.worker.batch.requests or srv.worker.running:
+    while True:
+        metrics = httpx.get(srv.url + "/metrics").text
+        if f'firstskip_requests_finished_total{{reason="cancelled"}} {count}' in metrics and not srv.worker.running:
+            return metrics
         assert time.monotonic() < deadline, "the request is still in the batch"
         time.sleep(0.05)
-    metrics = httpx.get(srv.url + "/metrics").text
-    assert _metric(metrics, "firstskip_running_requests") == "0"
-    assert 'firstskip_requests_finished_total{reason="cancelled"} 1' in metrics
-    assert all(not slots.owners for slots in srv.worker.batch.pool.layers)  # its cache slots are free
 
 
 def test_health_models_and_metrics(srv):

@@ -274,6 +274,7 @@ class EngineWorker:
         while self.queue and len(taken) < min(free, most):
             job = self.queue.popleft()
             if job.cancelled:
+                self._count("cancelled")
                 job.post("done", None)
             else:
                 taken.append(job)
@@ -305,8 +306,7 @@ class EngineWorker:
         for job in [j for j in self.running.values() if j.cancelled]:
             self.batch.leave(job.request)
             del self.running[id(job.request)]
-            with self.metrics.lock:
-                self.metrics.finished["cancelled"] += 1
+            self._count("cancelled")
             job.post("done", None)
 
     def _step(self) -> None:
@@ -335,10 +335,13 @@ class EngineWorker:
 
     def _finish(self, job: Job, reason: str | None = None) -> None:
         self._send(job)
-        gen = job.request.generation
+        reason = reason or job.request.generation.finish_reason
+        self._count(reason)
+        job.post("end", reason)
+
+    def _count(self, reason: str) -> None:
         with self.metrics.lock:
-            self.metrics.finished[reason or gen.finish_reason] += 1
-        job.post("end", reason or gen.finish_reason)
+            self.metrics.finished[reason] += 1
 
     def _end_all(self) -> None:
         """Shutdown: cancel what is still running or queued, each stream ending with a finish reason."""
@@ -571,16 +574,16 @@ def create_app(service: Service, grace: float = 30.0) -> FastAPI:
         return await whole(request, meta)
 
     async def whole(request: HTTPRequest, meta: Meta) -> JSONResponse:
+        async def watch() -> None:  # a client that goes away leaves the batch at once
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            service.worker.cancel(meta.job)
+
+        watcher = asyncio.create_task(watch())
         ids: list[int] = []
         try:
             while True:
-                try:
-                    kind, payload = await asyncio.wait_for(meta.job.events.get(), timeout=0.5)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        service.worker.cancel(meta.job)
-                        return JSONResponse({}, status_code=499)
-                    continue
+                kind, payload = await meta.job.events.get()
                 if kind == "error":
                     raise payload
                 if kind == "start":
@@ -589,11 +592,13 @@ def create_app(service: Service, grace: float = 30.0) -> FastAPI:
                     ids.extend(payload)
                 elif kind == "end":
                     return JSONResponse(meta.whole(service.decode(ids, meta.job.stop), payload))
-                elif kind == "done":
+                elif kind == "done":  # cancelled: nobody reads this
                     return JSONResponse({}, status_code=499)
         except asyncio.CancelledError:
             service.worker.cancel(meta.job)
             raise
+        finally:
+            watcher.cancel()
 
     async def stream_events(meta: Meta) -> AsyncIterator[str]:
         text = TextStream(service, meta.job.stop)
