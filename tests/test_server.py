@@ -150,6 +150,20 @@ def test_concurrent_requests_each_equal_their_solo_run(fsm, srv):
     assert rows > float(_metric(metrics, "firstskip_decode_steps_total"))  # some steps ran several requests
 
 
+def test_a_stop_string_cuts_streamed_and_whole_text_alike(fsm, srv):
+    full = solo(fsm, PROMPTS[2], raw=False, n=12).text
+    stop = " " + full.split()[3]  # a word inside the answer
+    expected = fsm.generate(PROMPTS[2], Sampling(max_new_tokens=12), stop=[stop])[0]
+    messages = [{"role": "user", "content": PROMPTS[2]}]
+    whole = srv.client.chat.completions.create(model=NAME, messages=messages, max_tokens=12, temperature=0,
+                                               stop=stop)
+    chunks = list(srv.client.chat.completions.create(model=NAME, messages=messages, max_tokens=12, temperature=0,
+                                                     stop=[stop], stream=True))
+    assert whole.choices[0].message.content == expected.text == "".join(c.choices[0].delta.content or ""
+                                                                         for c in chunks)
+    assert stop not in expected.text and whole.choices[0].finish_reason == "stop"
+
+
 def test_per_request_decisions_and_keep_probabilities(fsm, srv):
     def ask(ext):
         return srv.client.completions.create(model=NAME, prompt=PROMPTS[2], max_tokens=2, temperature=0,
