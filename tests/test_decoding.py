@@ -16,7 +16,7 @@ import torch
 from conftest import tiny
 from firstskip import families
 from firstskip.config import FirstSkipConfig
-from firstskip.decoding import _SlotsView
+from firstskip.decoding import _Group, _SlotsView
 from firstskip.engine import Engine, Sampling
 from firstskip.families import decoder_layers
 from firstskip.routers import RouterBank
@@ -154,7 +154,7 @@ def test_a_layer_reads_its_cache_as_a_view_of_the_pool_not_a_copy():
     batch = eng.new_batch()
     eng.join(batch, eng.prefill([prompt(6, 40), prompt(8, 41)]), Sampling(max_new_tokens=4))
     slots = batch.pool.layers[1]
-    view = _SlotsView(slots, torch.tensor([6, 8]), 9)
+    view = _SlotsView(slots, _Group(None, torch.tensor([6, 8]), [6, 8]))
     keys, values = view.update(torch.ones(2, slots.keys.shape[1], 1, slots.keys.shape[3]),
                                torch.ones(2, slots.values.shape[1], 1, slots.values.shape[3]))
     assert keys.data_ptr() == slots.keys.data_ptr() and values.data_ptr() == slots.values.data_ptr()
@@ -186,3 +186,17 @@ def test_seeded_sampling_of_a_row_does_not_depend_on_its_batch():
     a, b = prompt(6, 70), prompt(9, 71)
     together = eng.generate([a, b], hot)
     assert [g.token_ids for g in together] == [eng.generate([a], hot)[0].token_ids, eng.generate([b], hot)[0].token_ids]
+
+
+@pytest.mark.parametrize("family", [name for name, row in families.FAMILIES.items() if row.layer_step == "llama"])
+def test_the_llama_layer_step_computes_what_the_layers_own_forward_does(family):
+    eng = engine(tiny(family))
+    pre = eng.prefill([prompt(11, 80), prompt(6, 81)], [[2], [3, 4]])
+    logits = []
+    for layers in (eng.stack.layers, eng.controller.inner):
+        batch, eng.stack.layers = eng.new_batch(), layers
+        eng.join(batch, pre, Sampling(max_new_tokens=3))
+        plan = [(layer, rows, [r.length for r in owners]) for layer, rows, owners in batch.plan()]
+        logits.append(eng.stack(torch.tensor([r.token for r in batch.requests]),
+                                torch.tensor([r.length for r in batch.requests]), batch.pool, plan))
+    torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=1e-5)

@@ -17,6 +17,7 @@ import resource
 import statistics
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,9 +154,9 @@ def _pruned_engine(fsm: FirstSkipModel, skip: Sequence[int]) -> Engine:
 def peak_rss(reference: str, variant: str, skip: Sequence[int], prompts: list[list[int]], new_tokens: int) -> float:
     """Peak resident MB of one variant generating once, in a fresh process that loads the model,
     makes the variant, frees what it does not use and only then starts counting."""
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(1) as pool:
-        return pool.apply(_rss_child, (reference, variant, list(skip), prompts, new_tokens, torch.get_num_threads()))
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        job = pool.submit(_rss_child, reference, variant, list(skip), prompts, new_tokens, torch.get_num_threads())
+        return job.result()
 
 
 def _rss_child(reference: str, variant: str, skip: list[int], prompts: list[list[int]], new_tokens: int,

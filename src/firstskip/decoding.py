@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import get_layer_types_and_kwargs
 
@@ -30,15 +31,65 @@ class _SlotsView:
     """What one layer's attention sees as its cache during a step: ``update`` writes the new key and
     value at each request's position in its slot and returns the slots' histories as views."""
 
-    def __init__(self, slots: LayerSlots, positions: torch.Tensor, length: int) -> None:
-        self.slots, self.positions, self.length = slots, positions, length
-        self.index = torch.arange(len(positions), device=positions.device)
+    def __init__(self, slots: LayerSlots, group: _Group) -> None:
+        self.slots, self.group = slots, group
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, *args: Any, **kwargs: Any):
-        n, slots = len(self.positions), self.slots
-        slots.keys[self.index, :, self.positions] = keys[:, :, 0]
-        slots.values[self.index, :, self.positions] = values[:, :, 0]
-        return slots.keys[:n, :, :self.length], slots.values[:n, :, :self.length]
+        slots, group = self.slots, self.group
+        if group.single is not None:  # one row: a plain slice, no index arithmetic
+            slots.keys[0, :, group.single] = keys[0, :, 0]
+            slots.values[0, :, group.single] = values[0, :, 0]
+        else:
+            slots.keys[group.index, :, group.positions] = keys[:, :, 0]
+            slots.values[group.index, :, group.positions] = values[:, :, 0]
+        return slots.keys[:group.n, :, :group.length], slots.values[:group.n, :, :group.length]
+
+
+class _Group:
+    """The rows that run a layer in one step (shared by every layer with the same owners): their
+    positions, mask per window, and how far their histories reach."""
+
+    def __init__(self, rows: torch.Tensor | None, positions: torch.Tensor, lengths: list[int]) -> None:
+        self.rows, self.n = rows, len(lengths)
+        self.positions = positions if rows is None else positions.index_select(0, rows)
+        self.length = max(lengths) + 1
+        self.single = lengths[0] if self.n == 1 else None
+        self.index = torch.arange(self.n, device=positions.device)
+        self.masks: dict[int | None, torch.Tensor] = {}
+
+
+def llama_layer(layer: nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor,
+                position_embeddings: tuple[torch.Tensor, torch.Tensor], cache: _SlotsView) -> torch.Tensor:
+    """One decode step of a Llama-layout decoder layer (Llama, Mistral, Qwen2, Qwen3): the same
+    arithmetic as the layer's forward in fewer, larger operations and without its wrappers.
+
+    The linear layers and the MLP are still the layer's own modules, so a quantized or LoRA-wrapped
+    module runs as it is. Grouped-query heads attend as ``[n, kv_heads, group, head_dim]`` queries
+    against the slots' ``[n, kv_heads, T, head_dim]``, so keys are never repeated.
+    """
+    attn, n = layer.self_attn, hidden.shape[0]
+    x = _rms_norm(layer.input_layernorm, hidden)
+    q = attn.q_proj(x).view(n, -1, attn.head_dim)
+    k = attn.k_proj(x).view(n, -1, attn.head_dim)
+    v = attn.v_proj(x).view(n, -1, attn.head_dim)
+    if hasattr(attn, "q_norm"):  # Qwen3 normalises each head's query and key
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    cos, sin = position_embeddings  # [n, 1, head_dim]: broadcast over heads
+    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+    keys, values = cache.update(k[:, :, None], v[:, :, None])
+    out = F.scaled_dot_product_attention(q.view(n, k.shape[1], -1, attn.head_dim), keys, values,
+                                         attn_mask=attention_mask, scale=attn.scaling)
+    hidden = hidden + attn.o_proj(out.reshape(n, 1, -1))
+    return hidden + layer.mlp(_rms_norm(layer.post_attention_layernorm, hidden))
+
+
+def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 class LayerStack:
@@ -47,7 +98,10 @@ class LayerStack:
     def __init__(self, model: nn.Module, inner: Sequence[Callable]) -> None:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper
         family, config = family_of(base), base.config
-        self.layers = list(inner)  # each layer's own forward, past any skipping wrapper
+        if family.layer_step == "llama":
+            self.layers = [functools.partial(llama_layer, layer) for layer in decoder_layers(base)]
+        else:  # each layer's own forward, past any skipping wrapper
+            self.layers = list(inner)
         self.embed = base.get_submodule(family.embed)
         self.positions = base.get_submodule(family.learned_positions) if family.learned_positions else None
         self.rotary = base.get_submodule(family.rotary) if family.rotary else None
@@ -58,7 +112,7 @@ class LayerStack:
         self.types, kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
         self.windows = [k.get("sliding_window") for k in kwargs]
         self.additive_mask = config._attn_implementation == "eager"  # eager attention adds its mask
-        self.cache_key = _cache_keyword(type(decoder_layers(base)[0]))
+        self.cache_key = "cache" if family.layer_step == "llama" else _cache_keyword(type(decoder_layers(base)[0]))
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, pool: KVPool,
                  plan: Sequence[tuple[int, torch.Tensor | None, list[int]]]) -> torch.Tensor:
@@ -71,15 +125,16 @@ class LayerStack:
         if self.positions is not None:
             hidden = hidden + self.positions(positions[:, None])
         tables = self._rotary(hidden, positions)
-        masks: dict[tuple[int, int | None], torch.Tensor] = {}
+        groups: dict[int, _Group] = {}
         for layer, rows, lengths in plan:
-            x = hidden if rows is None else hidden.index_select(0, rows)
-            pos = positions if rows is None else positions.index_select(0, rows)
+            group = groups.get(id(rows))
+            if group is None:
+                group = groups[id(rows)] = _Group(rows, positions, lengths)
             window = self.windows[layer]
-            key = (id(rows), window)
-            if key not in masks:
-                masks[key] = self._mask(pos, max(lengths) + 1, window, x.dtype)
-            kwargs = {"attention_mask": masks[key], self.cache_key: _SlotsView(pool.layers[layer], pos, max(lengths) + 1)}
+            if window not in group.masks:
+                group.masks[window] = self._mask(group.positions, group.length, window, hidden.dtype)
+            x = hidden if rows is None else hidden.index_select(0, rows)
+            kwargs = {"attention_mask": group.masks[window], self.cache_key: _SlotsView(pool.layers[layer], group)}
             if tables is not None:
                 cos, sin = tables[self.types[layer]] if self.by_type else tables
                 kwargs["position_embeddings"] = (cos, sin) if rows is None else (cos[rows], sin[rows])

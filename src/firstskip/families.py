@@ -37,20 +37,24 @@ class Family:
     # What the engine's own decode loop (`decoding.py`) calls around the layers. The embedding
     # module applies any scale itself (Gemma's); ``rotary`` is None where positions are learned
     # (``learned_positions``); ``rotary_by_type``: the rotary module takes the layer type
-    # (Gemma 3's local and global bases). ``own_decode=False`` decodes through the model's forward.
+    # (Gemma 3's local and global bases). ``layer_step="llama"``: the layer has Llama's layout and
+    # decodes through `decoding.llama_layer`; "module" calls its own forward. ``own_decode=False``
+    # decodes through the model's forward.
     embed: str = "model.embed_tokens"
     norm: str = "model.norm"
     rotary: str | None = "model.rotary_emb"
     learned_positions: str | None = None
     rotary_by_type: bool = False
+    layer_step: str = "module"
     own_decode: bool = True
 
 
 FAMILIES: dict[str, Family] = {
-    "llama": Family("model.layers", "self_attn", _LLAMA_LORA + ("gate_proj", "up_proj", "down_proj"), _TINY),
-    "mistral": Family("model.layers", "self_attn", _LLAMA_LORA, {**_TINY, "sliding_window": 8}),
-    "qwen2": Family("model.layers", "self_attn", _LLAMA_LORA, _TINY),
-    "qwen3": Family("model.layers", "self_attn", _LLAMA_LORA, {**_TINY, "head_dim": 16}),
+    "llama": Family("model.layers", "self_attn", _LLAMA_LORA + ("gate_proj", "up_proj", "down_proj"), _TINY,
+                    layer_step="llama"),
+    "mistral": Family("model.layers", "self_attn", _LLAMA_LORA, {**_TINY, "sliding_window": 8}, layer_step="llama"),
+    "qwen2": Family("model.layers", "self_attn", _LLAMA_LORA, _TINY, layer_step="llama"),
+    "qwen3": Family("model.layers", "self_attn", _LLAMA_LORA, {**_TINY, "head_dim": 16}, layer_step="llama"),
     "gemma2": Family("model.layers", "self_attn", _LLAMA_LORA,
                      {**_TINY, "head_dim": 16, "sliding_window": 8, "query_pre_attn_scalar": 16}),
     "gemma3_text": Family("model.layers", "self_attn", _LLAMA_LORA,
