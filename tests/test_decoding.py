@@ -19,6 +19,7 @@ from firstskip.config import FirstSkipConfig
 from firstskip.decoding import _Group, _SlotsView
 from firstskip.engine import Engine, Sampling
 from firstskip.families import decoder_layers
+from firstskip.models import load_model
 from firstskip.routers import RouterBank
 
 FAMILIES = ["llama", "gemma3_text", "gpt2"]  # rotary, two rotary bases with sliding windows, learned positions
@@ -200,3 +201,25 @@ def test_the_llama_layer_step_computes_what_the_layers_own_forward_does(family):
         logits.append(eng.stack(torch.tensor([r.token for r in batch.requests]),
                                 torch.tensor([r.length for r in batch.requests]), batch.pool, plan))
     torch.testing.assert_close(logits[0], logits[1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_bfloat16_decoding_equals_transformers_generate_in_bfloat16(family):
+    model = load_model(f"random:tiny-{family}", dtype="bfloat16")[0]
+    eng = engine(model)
+    for seed in range(3):
+        ids = prompt(20, 90 + seed)
+        reference = model.generate(torch.tensor([ids]), max_new_tokens=10, min_new_tokens=10, do_sample=False,
+                                   eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+        assert solo(eng, ids, 10) == reference
+
+
+def test_a_run_loads_in_bfloat16_with_its_routers_in_float32(tmp_path):
+    from firstskip.modeling import FirstSkipModel
+
+    FirstSkipModel.from_base("random:tiny-llama").save_pretrained(tmp_path / "run")
+    fsm = FirstSkipModel.from_pretrained(tmp_path / "run", dtype="bfloat16")  # fingerprinted in float32
+    assert next(fsm.model.parameters()).dtype == torch.bfloat16
+    assert next(fsm.routers.parameters()).dtype == torch.float32
+    pre = fsm.engine.prefill([prompt(9, 95)])
+    assert pre.probs.dtype == torch.float32 and len(fsm.engine.decode(pre, Sampling(max_new_tokens=4))[0].token_ids) == 4

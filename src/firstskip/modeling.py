@@ -22,7 +22,7 @@ from firstskip.data import encode_prompt, template_span
 from firstskip.engine import Engine, Generation, Sampling, StopFn, Stream
 from firstskip.errors import FirstSkipError
 from firstskip.families import decoder_layers
-from firstskip.models import load_model, model_reference
+from firstskip.models import load_model, model_reference, torch_dtype
 from firstskip.routers import RouterBank
 
 
@@ -67,15 +67,21 @@ class FirstSkipModel:
         the base it names is loaded unchecked.
         """
         config = artifacts.load_config(run_dir)
+        cast = None
         if model is None:
-            model, tokenizer = load_model(_base_path(run_dir, config, adapter), dtype=dtype, device=device)
+            # The base is loaded as the run was trained on it (float32), so its fingerprint can be
+            # checked and the adapter merged at full precision, then cast to the dtype asked for.
+            model, tokenizer = load_model(_base_path(run_dir, config, adapter), dtype="float32", device=device)
+            cast = torch_dtype(dtype)
         if adapter or not config.merged:  # a merged run's fingerprint is of the merged weights
             artifacts.check_fingerprint(config.fingerprint, model, run_dir)
         if adapter:
             model = _with_adapter(model, Path(run_dir), config, merge_adapter)
+        if cast is not None and cast != torch.float32:
+            model = model.to(cast)
         routers = RouterBank(config)
         routers.load_state_dict(artifacts.load_routers(run_dir))
-        return cls(model, tokenizer, config, routers.to(dtype=_router_dtype(model)))
+        return cls(model, tokenizer, config, routers)
 
     def save_pretrained(self, run_dir: str | os.PathLike) -> None:
         artifacts.save_run(run_dir, self.config, self.routers)
@@ -182,7 +188,3 @@ def _with_adapter(model: torch.nn.Module, run_dir: Path, config: FirstSkipConfig
     with peft_quietly():
         peft_model = PeftModel.from_pretrained(model, adapter)
     return peft_model.merge_and_unload() if merge else peft_model
-
-
-def _router_dtype(model: torch.nn.Module) -> torch.dtype:
-    return next(model.parameters()).dtype

@@ -103,14 +103,14 @@ def load_model(name: str, dtype: torch.dtype | str = "float32", device: str = "c
         device: where the weights live, e.g. ``cpu`` or ``cuda``.
         seed: initialises random presets; ignored for pretrained weights.
     """
-    torch_dtype = _dtype(dtype)
+    resolved = torch_dtype(dtype)
     kind, ref = _locate(name)
     if kind == "random":
-        model, tokenizer = _load_random(ref.removeprefix(RANDOM_PREFIX), torch_dtype, device, seed)
+        model, tokenizer = _load_random(ref.removeprefix(RANDOM_PREFIX), resolved, device, seed)
     else:
         source = str(_converted(ref)) if kind == "packaged" else ref
         with _hub_errors(name, enabled=kind == "hub"):
-            model, tokenizer = _load_pretrained(source, torch_dtype, device)
+            model, tokenizer = _load_pretrained(source, resolved, device)
     return model.eval(), tokenizer
 
 
@@ -171,7 +171,7 @@ def _preset(preset: str) -> dict[str, Any]:
     return RANDOM_PRESETS[preset]
 
 
-def _dtype(dtype: torch.dtype | str) -> torch.dtype:
+def torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:

@@ -63,6 +63,7 @@ class RouterBank(nn.Module):
         would pool. A causal model's states there are those of the prompt cut after them, so this is
         p_l of that shorter prompt (`RouterTraining.prefixes`).
         """
+        hidden = hidden.to(next(self.parameters()).dtype)  # routers stay float32 under a bfloat16 model
         mask = inner_mask(prompt_mask, self.head, self.tail)
         if share is not None:
             rank = mask.long().cumsum(-1)
