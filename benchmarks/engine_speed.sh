@@ -22,3 +22,14 @@ firstskip bench --run "$run" --data ../shared/data/samsum --batch-size 8 --new-t
   --json > "$out/smollm2_samsum8_routed.json"
 show "$out/smollm2_samsum8_routed.json"
 python3 benchmarks/decode_overhead.py --out "$out/decode_overhead.json"
+# The same in bfloat16 (weights and activations; routers stay float32), and how far it decodes from float32.
+for bs in 1 8; do
+  firstskip bench --model smollm2-135m --skip 10-17 --batch-size "$bs" --prompt-len 256 \
+    --new-tokens 64 --repeats 5 --dtype bfloat16 --json > "$out/smollm2_skip10-17_b${bs}_bf16.json"
+  show "$out/smollm2_skip10-17_b${bs}_bf16.json"
+done
+firstskip bench --run "$run" --data ../shared/data/samsum --batch-size 8 --new-tokens 64 --repeats 5 \
+  --dtype bfloat16 --json > "$out/smollm2_samsum8_routed_bf16.json"
+show "$out/smollm2_samsum8_routed_bf16.json"
+python3 benchmarks/dtype_agreement.py --run "$run" --data ../shared/data/samsum --data ../shared/data/boolq \
+  --limit 30 --out "$out/bf16_agreement.json"
