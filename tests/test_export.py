@@ -20,7 +20,7 @@ from conftest import TOLERANCE, tiny
 from firstskip.cli import app
 from firstskip.engine import Sampling
 from firstskip.errors import FirstSkipError
-from firstskip.export import INFO_NAME, STATIC_SKIP_KEY, export, most_common_skip_set
+from firstskip.export import INFO_NAME, export, most_common_skip_set
 from firstskip.families import FAMILIES
 from firstskip.modeling import FirstSkipModel, peft_quietly
 from firstskip.models import source_gguf
@@ -105,7 +105,7 @@ def test_a_run_exports_with_its_lora_merged(tmp_path):
 
 
 def test_a_static_set_run_exports_its_own_set(tmp_path):
-    save_run(FirstSkipModel.from_base("random:tiny-qwen2"), tmp_path / "run", **{STATIC_SKIP_KEY: [1, 2]})
+    FirstSkipModel.from_base("random:tiny-qwen2", static_skip=[1, 2]).save_pretrained(tmp_path / "run")
     result = export(tmp_path / "out", run=tmp_path / "run")
     assert result["skip"] == [1, 2] and result["skip_source"] == "the run's static set"
 

@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+import firstskip.baselines
 import firstskip.train
 from firstskip import artifacts, models
 from firstskip.cli import app
@@ -709,3 +710,48 @@ def test_calibrate_command_stores_the_threshold(text_tiny, tmp_path, monkeypatch
     assert reply["examples"] == 16 and reply["skip_ratio"] == pytest.approx(0.5, abs=0.02)
     assert artifacts.load_config(tmp_path).threshold == reply["threshold"]
     assert seeds == [3]  # the run's own seed: the examples `train` held out, not training examples
+
+
+# -- static-set runs: the fair rival ----------------------------------------------------------
+def test_a_static_set_run_trains_lora_under_its_set_and_never_skips_outside_it(text_tiny, tmp_path):
+    base = FirstSkipModel.from_base(TINY)
+    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    fsm = train(TINY, text_tiny, tmp_path, lora=True, static="layers:2,3", max_steps=2, batch_size=4, limit=8,
+                max_length=48, progress=False)
+    config = artifacts.load_config(tmp_path)
+    assert config.static_skip == [2, 3] and "routers" not in config.training and config.lora is not None
+    assert fsm.config.training["lora"]["final"]["skip"] == pytest.approx(2 / 6, abs=1e-4)  # LoRA trained under the set
+    run = FirstSkipModel.from_pretrained(tmp_path, merge_adapter=False)  # the adapter beside the base
+    base_weights = {k.replace("base_model.model.", "").replace(".base_layer", ""): v
+                    for k, v in run.model.state_dict().items() if "lora_" not in k}
+    assert base_weights.keys() == before.keys() and all(torch.equal(before[k], v) for k, v in base_weights.items())
+    delta = fsm.model.state_dict()["model.layers.1.self_attn.q_proj.weight"] - before["model.layers.1.self_attn.q_proj.weight"]
+    assert 0 < torch.linalg.matrix_rank(delta) <= 8  # training moved LoRA's low-rank delta only
+    ids = [[5, 6, 7, 8, 9], [40, 41, 42], [100] * 12]
+    for threshold in (0.0, 1.0):  # no router decides, whatever the threshold
+        run.set_decision(threshold=threshold)
+        assert [g.skipped_layers for g in run.engine.generate(ids, Sampling(max_new_tokens=3))] == [[2, 3]] * 3
+
+
+def test_a_plain_lora_run_skips_nothing(text_tiny, tmp_path):
+    train(TINY, text_tiny, tmp_path, lora=True, static="none", max_steps=1, batch_size=4, limit=4, max_length=48,
+          progress=False)
+    run = FirstSkipModel.from_pretrained(tmp_path)
+    assert run.config.static_skip == [] and run.engine.generate([[5, 6, 7]])[0].skipped_layers == []
+
+
+def test_static_sets_are_the_baselines_measured_on_this_model(text_tiny):
+    fsm = FirstSkipModel.from_base(TINY)
+    encoded = [(list(range(3, 40)), 20), (list(range(50, 90)), 10)]
+    bi = firstskip.baselines.block_influence(fsm.model, [{"input_ids": collate(encoded, 0).input_ids,
+                                                           "attention_mask": collate(encoded, 0).attention_mask}])
+    ctx = firstskip.baselines.BaselineContext(6, (0, 5), block_influence=bi)
+    assert recipe.static_layers(fsm, "shortgpt", 0.34, encoded) == firstskip.baselines.shortgpt(ctx, 2)
+    assert recipe.static_layers(fsm, "last", 0.5, encoded) == [2, 3, 4]
+    assert recipe.static_layers(fsm, "layers:4,1", None, encoded) == [1, 4]
+    for spec, target, message in (("bogus", 0.25, "--static takes"), ("uls", None, "needs --skip-target"),
+                                  ("layers:1,x", None, "layer numbers"), ("layers:9", None, "outside")):
+        with pytest.raises(FirstSkipError, match=message):
+            recipe.static_layers(fsm, spec, target, encoded)
+    with pytest.raises(FirstSkipError, match="add --lora"):
+        train(TINY, text_tiny, "unused", static="none")

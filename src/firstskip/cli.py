@@ -305,6 +305,8 @@ def inspect_(
 @app.command(epilog="Examples:\n\n"
              "  firstskip train -m smollm2-135m --data ../shared/data/samsum --data ../shared/data/xsum "
              "--data ../shared/data/boolq --out runs/mix --skip-target 0.25 --lora --merge\n\n"
+             "  firstskip train -m smollm2-135m --data ../shared/data/samsum --data ../shared/data/xsum "
+             "--data ../shared/data/boolq --out runs/shortgpt --skip-target 0.25 --static shortgpt --lora\n\n"
              "  firstskip train -m smollm2-135m --data builtin:boolq --out runs/boolq --lambda 0.01 --max-steps 50\n\n"
              "  firstskip train -m smollm2-135m --data builtin:boolq --out runs/boolq --lambda 0.01 --max-steps 50 "
              "--resume\n\n"
@@ -356,6 +358,9 @@ def train(
     secant: Annotated[Optional[int], typer.Option(
         help="Routers' late (hard-gated) training: this many gates per row run at a random value and train "
              "on the cost of skipping the layer, not the slope at the hard gate (default 4; 0: straight-through).")] = None,
+    static: Annotated[Optional[str], typer.Option(
+        help="No routers: LoRA under one fixed skip set, FiRST's fair rival: shortgpt, uls, last or random "
+             "(round(--skip-target x layers) layers), layers:3,4,5, or none (a plain LoRA). Needs --lora.")] = None,
     resume: Annotated[bool, typer.Option(help="Go on from the run's last checkpoint; finished phases are kept.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out.")] = False,
     threads: ThreadsOpt = None,
@@ -370,11 +375,11 @@ def train(
                    seed=seed, limit=limit, max_length=max_length, holdout=holdout, lora_steps=lora_steps,
                    lora_lr=lora_lr, lora_rank=lora_rank, device=device, pooling=pooling,
                    prefixes=prefixes, distill=distill, lora_distill=lora_distill, row_tokens=row_tokens,
-                   on_policy=on_policy, leave_one_out=leave_one_out, secant=secant)
+                   on_policy=on_policy, leave_one_out=leave_one_out, secant=secant, static=static)
     fsm = train_run(model, data, out, lora=lora, merge=merge, resume=resume, overwrite=overwrite, dtype=dtype,
                     **{k: v for k, v in options.items() if v is not None})
     typer.echo(json.dumps({"run": str(out), "threshold": fsm.config.threshold,
-                           "calibration": fsm.config.training.get("calibration")}))
+                           "calibration": fsm.config.training.get("calibration"), "static_skip": fsm.config.static_skip}))
 
 
 @app.command(epilog="Examples:\n\n"

@@ -38,6 +38,7 @@ class FirstSkipConfig:
     threshold: float = 0.5  # keep layer l iff p_l >= threshold
     skip_ratio: float | None = None  # budget mode: skip round(ratio * num_layers) layers
     prefill: Literal["full", "routed"] = "full"
+    static_skip: list[int] | None = None  # a static-set run: every prompt skips these, no router decides
     base_model: str | None = None  # how to reload the base (hub id, folder or packaged name)
     fingerprint: dict[str, Any] = field(default_factory=dict)
     lora: dict[str, Any] | None = None  # peft LoRA settings when the run holds an adapter
@@ -64,6 +65,8 @@ class FirstSkipConfig:
                "a budget decision ranks all layers at once, so it needs prefill 'full'")
         bad = [i for i in self.protected if not 0 <= i < self.num_layers]
         _check(not bad, f"protected layers {bad} are outside 0..{self.num_layers - 1}")
+        bad = [i for i in self.static_skip or [] if not 0 <= i < self.num_layers]
+        _check(not bad, f"static skip layers {bad} are outside 0..{self.num_layers - 1}")
 
     @property
     def protected(self) -> list[int]:

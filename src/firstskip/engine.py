@@ -113,6 +113,8 @@ class Engine:
         full model are timed so, carrying no router cost they would not pay in deployment.
         """
         config = config or self.config
+        if skip is None and config.static_skip is not None:  # a static-set run: no router decides
+            skip, routers = [config.static_skip] * len(prompts), False
         ids, mask = self._left_pad(prompts)
         positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
         forced = self.forced_skip(skip, len(prompts))

@@ -35,7 +35,6 @@ GGUF_NAME = "model.gguf"
 # Config fields holding one entry per decoder layer, cut like the layers themselves.
 PER_LAYER_CONFIG = ("layer_types", "no_rope_layers")
 # Where a run trained under one fixed skip set records it; such a run exports that set by default.
-STATIC_SKIP_KEY = "static_skip"
 
 
 def most_common_skip_set(fsm: Any, prompts: Sequence[str] | Sequence[Sequence[int]],
@@ -111,10 +110,9 @@ def export(out: str | os.PathLike, fmt: str = "pruned", *, model: str | None = N
 
 def static_skip_set(config: FirstSkipConfig | None) -> list[int] | None:
     """The fixed skip set a run was trained under, or None for a routed run (or a plain base)."""
-    if config is None:
+    if config is None or not config.static_skip:  # a plain LoRA run (static set []) has nothing to remove
         return None
-    layers = config.training.get(STATIC_SKIP_KEY)
-    return None if layers is None else list(layers)
+    return list(config.static_skip)
 
 
 def kept_layers(skip: Sequence[int], num_layers: int) -> list[int]:

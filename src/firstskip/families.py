@@ -82,8 +82,9 @@ def family_of(model_or_config: Any) -> Family:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder-layer list of a causal LM, wherever its family keeps it."""
-    return model.get_submodule(family_of(model).layers)
+    """The decoder-layer list of a causal LM (or of the one a peft wrapper holds), wherever its family keeps it."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_submodule(family_of(base).layers)
 
 
 def set_decoder_layers(model: nn.Module, layers: nn.ModuleList) -> None:

@@ -96,7 +96,12 @@ def last_index(mask: torch.Tensor) -> torch.Tensor:
 
 
 def decide(probs: torch.Tensor, config: FirstSkipConfig) -> torch.Tensor:
-    """Skip mask [B, L] (True = skip) from keep-probabilities [B, L], per the config's decision."""
+    """Skip mask [B, L] (True = skip) from keep-probabilities [B, L], per the config's decision
+    (a static-set run's fixed set for every row, whatever the probabilities)."""
+    if config.static_skip is not None:
+        fixed = torch.zeros(probs.shape, dtype=torch.bool, device=probs.device)
+        fixed[:, config.static_skip] = True
+        return fixed
     skippable = torch.zeros(probs.shape[-1], dtype=torch.bool, device=probs.device)
     skippable[config.skippable] = True
     if config.decision == "threshold":

@@ -18,12 +18,13 @@ from pathlib import Path
 import torch
 
 from firstskip import artifacts
-from firstskip.data import Example, encode_example, load_examples, mix_examples
+from firstskip.baselines import BaselineContext, block_influence, static_skip_set
+from firstskip.data import Example, collate, encode_example, load_examples, mix_examples
 from firstskip.errors import FirstSkipError
 from firstskip.modeling import FirstSkipModel
 from firstskip.models import model_reference
 from firstskip.train.calibrate import calibrate
-from firstskip.train.loop import CHECKPOINT_DIR, LOG_NAME, on_main, process_state
+from firstskip.train.loop import CHECKPOINT_DIR, LOG_NAME, Encoded, on_main, process_state
 from firstskip.train.phases import LoraTraining, RouterTraining, train_lora, train_routers
 
 # The measured smollm2-135m recipe on 2 CPU cores (docs/training.md); steps and learning rates are
@@ -40,7 +41,7 @@ def train(model: str, data: Sequence[str], out: str | os.PathLike, *, skip_targe
           lora_steps: int | None = None, lora_lr: float | None = None, lora_rank: int | None = None,
           pooling: str | None = None, prefixes: float | None = None, distill: float | None = None,
           lora_distill: float | None = None, row_tokens: int | None = None, on_policy: float | None = None,
-          leave_one_out: bool | None = None, secant: int | None = None,
+          leave_one_out: bool | None = None, secant: int | None = None, static: str | None = None,
           resume: bool = False, overwrite: bool = False, dtype: str = "float32", device: str | None = None,
           progress: bool = True) -> FirstSkipModel:
     """Train routers (and LoRA) on one or more datasets into the run folder ``out``.
@@ -78,12 +79,18 @@ def train(model: str, data: Sequence[str], out: str | os.PathLike, *, skip_targe
             (`RouterTraining.leave_one_out`).
         secant: gates per row whose random-point slope trains phase 1's hard stage
             (`RouterTraining.secant`).
+        static: a static-set run instead of routers, the fair rival of FiRST: LoRA (phase 2, same
+            settings) trained under one skip set that every prompt uses. ``shortgpt``, ``uls``,
+            ``last`` or ``random`` with k = round(skip_target x layers); ``layers:3,4,5``; ``none`` for a
+            plain LoRA that skips nothing. Needs ``lora``.
         resume: go on from the run's last checkpoint and skip finished phases.
         overwrite: replace an existing run in ``out``.
         dtype: base model dtype; device: where it runs (default: accelerate's choice for this process).
         progress: show progress bars.
     """
     _check_args(data, skip_target, lam, merge, lora, resume, overwrite)
+    if static is not None and not lora:
+        raise FirstSkipError("--static trains a LoRA under a fixed skip set; add --lora")
     out = Path(out)
     if max_steps is not None and epochs is not None:
         raise FirstSkipError("give --max-steps or --epochs, not both")
@@ -97,25 +104,61 @@ def train(model: str, data: Sequence[str], out: str | os.PathLike, *, skip_targe
     lora_settings = LoraTraining(**lora_length, **_given(lr=lora_lr, rank=lora_rank, distill=lora_distill),
                                  batch_size=batch_size, seed=seed)
     _prepare_out(out, resume, overwrite)  # only once every setting is valid: --overwrite must not lose a run to a typo
-    held_out, examples = split_examples(data, seed, holdout if skip_target is not None else 0, limit)
+    routed = static is None
+    held_out, examples = split_examples(data, seed, holdout if skip_target is not None and routed else 0, limit)
     fsm = _load(model, out, resume, seed, dtype, device, **_given(router_pooling=pooling))
     if fsm.tokenizer is None:
         raise FirstSkipError(f"{model} has no tokenizer, so text data cannot be encoded; train on token ids with "
                              "firstskip.train.train_routers instead")
     encoded = [encode_example(fsm.tokenizer, ex, max_length) for ex in examples]
+    if not routed and fsm.config.static_skip is None:
+        layers = static_layers(fsm, static, skip_target, encoded, seed)
+        fsm.update_config(static_skip=layers, training={**fsm.config.training, "static": {"spec": static, "layers": layers}})
     # Each step below is skipped when the run already records it, so --resume picks up after any of them.
-    if "routers" not in fsm.config.training:
+    if routed and "routers" not in fsm.config.training:
         train_routers(fsm, encoded, out, routers_settings, resume=resume, progress=progress)
-    if skip_target is not None and "calibration" not in fsm.config.training:
+    if routed and skip_target is not None and "calibration" not in fsm.config.training:
         calibrate(out, held_out, skip_target, model=fsm)  # whole prompts, as inference will score them
     if lora and fsm.config.lora is None:
         train_lora(fsm, encoded, out, lora_settings, merge=merge, resume=resume, progress=progress)
-    if lora and skip_target is not None and "calibration_before_lora" not in fsm.config.training:
+    if routed and lora and skip_target is not None and "calibration_before_lora" not in fsm.config.training:
         # The adapter moves the routers' inputs a little: calibrate again, keeping the first one.
         fsm.update_config(training={**fsm.config.training,
                                     "calibration_before_lora": fsm.config.training["calibration"]})
         calibrate(out, held_out, skip_target, model=fsm)
     return fsm
+
+
+STATIC_SETS = ("shortgpt", "uls", "last", "random")
+SHORTGPT_ITEMS = 32  # training examples whose block influence ranks the layers for ShortGPT
+
+
+def static_layers(fsm: FirstSkipModel, spec: str, skip_target: float | None, encoded: Encoded,
+                  seed: int = 0) -> list[int]:
+    """The skip set named by ``--static``: a baseline's set of k = round(skip_target x layers) layers,
+    measured on this model (ShortGPT's block influence on the first training examples), an explicit
+    ``layers:3,4,5``, or ``none`` (a plain LoRA)."""
+    config = fsm.config
+    if spec == "none":
+        return []
+    if spec.startswith("layers:"):
+        try:
+            layers = sorted({int(part) for part in spec.removeprefix("layers:").split(",") if part.strip()})
+        except ValueError:
+            raise FirstSkipError(f"--static layers: takes layer numbers like layers:3,4,5, got {spec!r}") from None
+        config.replace(static_skip=layers)  # range check
+        return layers
+    if spec not in STATIC_SETS:
+        raise FirstSkipError(f"--static takes {', '.join(STATIC_SETS)}, layers:3,4,5 or none; got {spec!r}")
+    if skip_target is None:
+        raise FirstSkipError(f"--static {spec} needs --skip-target: it skips round(target x layers) layers")
+    bi = None
+    if spec == "shortgpt":
+        pad = getattr(fsm.tokenizer, "pad_token_id", None) or 0
+        batches = (collate(encoded[s:s + 8], pad) for s in range(0, min(len(encoded), SHORTGPT_ITEMS), 8))
+        bi = block_influence(fsm.model, ({"input_ids": b.input_ids, "attention_mask": b.attention_mask} for b in batches))
+    ctx = BaselineContext(config.num_layers, tuple(config.protected), seed, block_influence=bi)
+    return static_skip_set(spec, ctx, int(skip_target * config.num_layers + 0.5))
 
 
 def _check_args(data: Sequence[str], skip_target: float | None, lam: float | None, merge: bool, lora: bool,
