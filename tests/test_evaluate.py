@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from firstskip import artifacts
 from firstskip.baselines import BaselineContext, equal_budget_k, static_skip_set
+from firstskip.data import load_examples
 from firstskip.engine import Generation, Sampling
 from firstskip.errors import FirstSkipError
 from firstskip.evaluate import evaluate_run, inspect_run, method_names, parse_methods, runner
@@ -352,3 +353,21 @@ def test_cli_errors_are_one_line_with_exit_code_2(run, data, tmp_path):
     out = subprocess.run([sys.executable, "-c", "from firstskip.cli import main; main()", *argv],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "unknown method 'laco'" in out.stderr, out.stderr
+
+
+def test_a_static_set_run_is_evaluated_as_a_rival_with_its_own_lora_and_set(run, tiny_base, data, tmp_path):
+    from firstskip.train import train
+
+    rival = train(str(tiny_base), [str(data["toy"])], tmp_path / "rival", lora=True, static="layers:2,3",
+                  max_steps=1, batch_size=2, limit=4, max_length=48, progress=False)
+    results = evaluate_run(run, [str(data["toy"])], "full,first", limit=4, out_dir=tmp_path / "eval",
+                           batch_size=2, max_new_tokens=NEW_TOKENS, calibration_items=2, speed_items=0,
+                           progress=False, rivals=[str(tmp_path / "rival")])
+    assert set(results["datasets"]["toy"]["methods"]) == {"full", "first", "layers+lora"}
+    stored = records(tmp_path / "eval", "toy", "layers+lora")
+    assert len(stored) == 4 and all(r["skipped"] == [2, 3] for r in stored.values())
+    prompts = load_examples(str(data["toy"]), "test", limit=4)
+    expected = rival.generate([ex.prompt for ex in prompts], Sampling(max_new_tokens=NEW_TOKENS))
+    assert [stored[ex.id]["new_tokens"] for ex in prompts] == [g.new_tokens for g in expected]
+    with pytest.raises(FirstSkipError, match="not a static-set run"):
+        evaluate_run(run, [str(data["toy"])], "full", out_dir=tmp_path / "eval2", rivals=[str(run)], progress=False)

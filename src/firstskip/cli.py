@@ -237,6 +237,8 @@ def _set_threads(threads: int | None) -> None:
              "--methods full,lora-only,first,shortgpt,shortgpt-per-example --out eval/mix\n\n"
              "  firstskip eval -r runs/smollm2-mix -d ../shared/data/sst2 --budget 0.15 --methods full,first,shortgpt "
              "--out eval/sst2-budget0.15\n\n"
+             "  firstskip eval -r runs/mix -d ../shared/data/samsum --methods full,first --rival runs/shortgpt25 "
+             "--rival runs/plain --out eval/fair\n\n"
              "Stopped and started again with the same --out, it resumes; finished items are not recomputed.")
 def eval_(
     run: EvalRunOpt,
@@ -253,6 +255,9 @@ def eval_(
              "classification 8, QA 16, math 256).")] = None,
     threshold: ThresholdOpt = None,
     budget: BudgetOpt = None,
+    rival: Annotated[Optional[list[Path]], typer.Option(
+        help="A static-set run (train --static ... --lora), evaluated as a method of its own: its fixed set "
+             "with its own LoRA (shortgpt+lora, plain-lora ...). Repeat for several.")] = None,
     calibration_items: Annotated[int, typer.Option(help="Train items for ShortGPT's block influence.")] = 32,
     speed_items: Annotated[int, typer.Option(
         help="Prompts per dataset timed alone (batch 1, 32 new tokens) for decode speed; 0: none.")] = 8,
@@ -266,7 +271,7 @@ def eval_(
 
     _set_threads(threads)
     results = evaluate_run(run, data, methods, limit, out, batch_size, max_new_tokens, threshold, budget,
-                           calibration_items, speed_items, dtype=dtype, device=device)
+                           calibration_items, speed_items, dtype=dtype, device=device, rivals=[str(r) for r in rival or []])
     typer.echo("\n".join(summary(results)))
     kept = kept_table(results)
     if kept:

@@ -3,7 +3,9 @@
 Four methods are defined here (the full model, LoRA without skipping, FiRST, FiRST's routers
 without LoRA); the static ones are the keys of `baselines.BASELINES`, each at the equal budget
 k = mean of FiRST's per-example skip counts, or with the suffix ``-per-example`` at each item's
-own FiRST count. Adding a baseline to that registry adds it here and to the CLI.
+own FiRST count. Adding a baseline to that registry adds it here and to the CLI. Rival runs
+(`train --static`) join as methods of their own (`rival_method`): a static set with the LoRA that
+was trained under it, FiRST's fair rival.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class Method:
     routed: bool  # the routers choose each item's skip set at prefill
     baseline: str | None = None  # a BASELINES key: a static skip set on the base model
     per_example: bool = False  # static k = FiRST's count on this item, not the dataset mean
+    rival: str | None = None  # a static-set run folder (`train --static`): its own LoRA and fixed set
 
 
 _OWN = {
@@ -68,7 +71,18 @@ def parse_methods(methods: str | Sequence[str] | None) -> list[Method]:
     return [method(n) for n in names]
 
 
-def skip_sets(m: Method, ctx: BaselineContext, k: int, first_counts: Sequence[int]) -> list[list[int] | None]:
+def rival_method(run: str, static: dict, taken: Sequence[str]) -> Method:
+    """The method of a static-set run: ``shortgpt+lora`` and the like after the set it was trained
+    under, ``plain-lora`` for a LoRA that skips nothing; the run folder's name where two would clash."""
+    spec = static.get("spec", "")
+    name = "plain-lora" if spec == "none" else f"{spec.split(':')[0]}+lora"
+    if name in taken:
+        name = f"{name}:{run.rstrip('/').rsplit('/', 1)[-1]}"
+    return Method(name, tuned=True, routed=False, rival=run)
+
+
+def skip_sets(m: Method, ctx: BaselineContext, k: int, first_counts: Sequence[int],
+              rival_set: Sequence[int] | None = None) -> list[list[int] | None]:
     """Per item: the forced skip set, or None where the routers decide.
 
     Args:
@@ -76,9 +90,12 @@ def skip_sets(m: Method, ctx: BaselineContext, k: int, first_counts: Sequence[in
         ctx: the model's depth, protected layers and block influence (ShortGPT).
         k: the equal budget, `equal_budget_k(first_counts)`.
         first_counts: FiRST's skip count on each item, in item order.
+        rival_set: a rival run's own fixed set (the one its LoRA was trained under).
     """
     if m.routed:
         return [None] * len(first_counts)
+    if m.rival is not None:
+        return [list(rival_set or []) for _ in first_counts]
     if m.baseline is None:
         return [[] for _ in first_counts]
     if not m.per_example:

@@ -23,7 +23,7 @@ import platform
 import statistics
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from firstskip.data import Example, collate, encode_example, load_examples
 from firstskip.engine import Generation, Prefilled, Sampling
 from firstskip.errors import FirstSkipError
 from firstskip.evaluate import report
-from firstskip.evaluate.methods import REFERENCES, Method, parse_methods, skip_sets
+from firstskip.evaluate.methods import REFERENCES, Method, parse_methods, rival_method, skip_sets
 from firstskip.evaluate.store import PredictionStore, normalise
 from firstskip.metrics import evaluate_predictions, paired_ratio, primary_metric
 from firstskip.modeling import FirstSkipModel
@@ -81,8 +81,11 @@ class Models:
     base: FirstSkipModel | None  # the plain base model, with the routers (for first-nolora)
     tuned: FirstSkipModel  # base + the run's LoRA merged, with the routers; the base when there is no LoRA
     has_adapter: bool
+    rivals: dict[str, FirstSkipModel] = field(default_factory=dict)  # rival method name -> its run
 
     def of(self, m: Method) -> FirstSkipModel:
+        if m.rival is not None:
+            return self.rivals[m.name]
         return self.tuned if m.tuned or self.base is None else self.base
 
 
@@ -111,7 +114,26 @@ def load_models(run: str | os.PathLike, methods: Sequence[Method], threshold: fl
         base = FirstSkipModel.from_pretrained(run, dtype=dtype, device=device, adapter=False)
     for fsm in filter(None, (tuned, base)):
         fsm.set_decision(threshold=threshold, budget=budget)
-    return Models(base, tuned, adapter)
+    rivals = {m.name: load_rival(m.rival, tuned, dtype, device) for m in methods if m.rival is not None}
+    return Models(base, tuned, adapter, rivals)
+
+
+def rival_methods(runs: Sequence[str | os.PathLike], taken: Sequence[str]) -> list[Method]:
+    """One method per static-set run (`train --static`); a one-line error for any other folder."""
+    out: list[Method] = []
+    for run in runs:
+        config = artifacts.load_config(run)
+        if config.static_skip is None:
+            raise FirstSkipError(f"{run} is not a static-set run (train it with --static ... --lora)")
+        out.append(rival_method(str(run), config.training.get("static", {}), [*taken, *(m.name for m in out)]))
+    return out
+
+
+def load_rival(run: str, first: FirstSkipModel, dtype: str, device: str) -> FirstSkipModel:
+    fsm = FirstSkipModel.from_pretrained(run, dtype=dtype, device=device)
+    if fsm.config.base_model != first.config.base_model and not first.config.merged:
+        raise FirstSkipError(f"rival {run} was trained on {fsm.config.base_model}, not {first.config.base_model}")
+    return fsm
 
 
 def decision_of(fsm: FirstSkipModel) -> dict[str, Any]:
@@ -379,9 +401,9 @@ def evaluate_dataset(models: Models, ds: Dataset, methods: Sequence[Method], run
     if any(m.baseline == "shortgpt" for m in runnable):
         bi = cached_block_influence(models.base or models.tuned, run, ds, calibration_items, batch_size)
     ctx = BaselineContext(config.num_layers, tuple(config.protected), block_influence=bi)
-    skips = {m.name: skip_sets(m, ctx, k, counts) for m in runnable}
+    skips = {m.name: skip_sets(m, ctx, k, counts, models.of(m).config.static_skip) for m in runnable}
     settings = {m.name: [normalise({"skip": "routers", **decision_of(models.of(m)), "max_new_tokens": max_new_tokens}
-                                   if s is None else {"skip": s, "max_new_tokens": max_new_tokens})
+                                   if s is None else {"skip": s, "max_new_tokens": max_new_tokens, **_rival_id(m)})
                          for s in skips[m.name]] for m in runnable}
     stores = {m.name: PredictionStore(folder / f"{m.name}.jsonl") for m in runnable}
 
@@ -434,6 +456,15 @@ def _sha256(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
 
 
+def _rival_id(m: Method) -> dict[str, str]:
+    """What ties a rival's stored predictions to its weights (another run of the same name recomputes)."""
+    if m.rival is None:
+        return {}
+    run = Path(m.rival)
+    return {"rival": _sha256(run / artifacts.ADAPTER_DIR / "adapter_model.safetensors")
+            or artifacts.load_config(run).fingerprint.get("weights_sha256", "")}
+
+
 def _claim(out: Path, run: Path) -> None:
     """Tie the output folder to the run's weights, so stale predictions of another run are never mixed in."""
     identity = {"fingerprint": artifacts.load_config(run).fingerprint,
@@ -459,7 +490,8 @@ def evaluate_run(run: str | os.PathLike, data_specs: Sequence[str], methods: str
                  limit: int | None = None, out_dir: str | os.PathLike = "eval", batch_size: int = 8,
                  max_new_tokens: int | Mapping[str, int] | None = None, threshold: float | None = None,
                  budget: float | None = None, calibration_items: int = 32, speed_items: int = 8,
-                 dtype: str = "float32", device: str = "cpu", progress: bool = True) -> dict[str, Any]:
+                 dtype: str = "float32", device: str = "cpu", progress: bool = True,
+                 rivals: Sequence[str | os.PathLike] = ()) -> dict[str, Any]:
     """Evaluate a run on datasets against the full model, LoRA-only and static baselines; write a report.
 
     Writes ``out_dir/results.json``, ``results.md``, ``pareto.png``, ``layer_usage.png`` and
@@ -470,6 +502,8 @@ def evaluate_run(run: str | os.PathLike, data_specs: Sequence[str], methods: str
         run: a run folder (config.json, routers.safetensors, optionally adapter/ or model/).
         data_specs: datasets whose test split is evaluated (see `data.load_examples`).
         methods: comma-separated names or a list (see `methods.method_names`); None: the defaults.
+        rivals: static-set run folders (`train --static`), each evaluated as a method of its own
+            (``shortgpt+lora``, ``plain-lora`` ...) with its LoRA and its fixed set.
         limit: evaluate the first `limit` test items of each dataset.
         out_dir: where predictions, results and plots go.
         batch_size: prompts generated together.
@@ -484,6 +518,7 @@ def evaluate_run(run: str | os.PathLike, data_specs: Sequence[str], methods: str
     """
     run, out = Path(run), Path(out_dir)
     chosen = parse_methods(methods)
+    chosen += rival_methods(rivals, [m.name for m in chosen])
     check_run(run)
     if not data_specs:
         raise FirstSkipError("give at least one dataset (--data)")
