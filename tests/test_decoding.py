@@ -223,3 +223,12 @@ def test_a_run_loads_in_bfloat16_with_its_routers_in_float32(tmp_path):
     assert next(fsm.routers.parameters()).dtype == torch.float32
     pre = fsm.engine.prefill([prompt(9, 95)])
     assert pre.probs.dtype == torch.float32 and len(fsm.engine.decode(pre, Sampling(max_new_tokens=4))[0].token_ids) == 4
+
+
+def test_routed_prefill_with_a_layer_every_row_skips_joins_the_batch():
+    """Layer 0 skipped by every row in routed prefill leaves its prefill cache empty; each row's prompt
+    KV is still found (prompts are left-padded to the longest)."""
+    eng = engine(tiny("llama"), prefill="routed")
+    jobs = [(prompt(7, 100), [0, 2]), (prompt(4, 101), [0])]
+    together = eng.generate([ids for ids, _ in jobs], Sampling(max_new_tokens=5), skip=[s for _, s in jobs])
+    assert [g.token_ids for g in together] == [solo(eng, ids, 5, skip) for ids, skip in jobs]

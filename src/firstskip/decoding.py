@@ -11,9 +11,8 @@ that keep it, and a layer no request keeps does not run at all.
 from __future__ import annotations
 
 import functools
-import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import get_layer_types_and_kwargs
 
-from firstskip.families import decoder_layers, family_of
+from firstskip.families import cache_keyword, decoder_layers, family_of
 from firstskip.kvpool import KVPool, LayerSlots
 
 StopFn = Callable[[list[int]], bool]  # generated ids of one row -> stop now?
@@ -112,7 +111,7 @@ class LayerStack:
         self.types, kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
         self.windows = [k.get("sliding_window") for k in kwargs]
         self.additive_mask = config._attn_implementation == "eager"  # eager attention adds its mask
-        self.cache_key = "cache" if family.layer_step == "llama" else _cache_keyword(type(decoder_layers(base)[0]))
+        self.cache_key = "cache" if family.layer_step == "llama" else cache_keyword(type(decoder_layers(base)[0]))
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, pool: KVPool,
                  plan: Sequence[tuple[int, torch.Tensor | None, list[int]]]) -> torch.Tensor:
@@ -165,12 +164,6 @@ class LayerStack:
         return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-@functools.cache
-def _cache_keyword(layer_class: type) -> str:
-    """transformers 5.24 renamed the layers' ``past_key_values`` keyword to ``cache``."""
-    return "cache" if "cache" in inspect.signature(layer_class.forward).parameters else "past_key_values"
-
-
 @dataclass(eq=False)
 class Request:
     """One generation's decode state: its own skip set, slot, position, sampler and output."""
@@ -182,14 +175,14 @@ class Request:
     finished: Callable[[int], bool]  # appends a token to the generation; True once it has ended
     budget: int  # tokens it may still sample
     greedy: bool = True
-    done: bool = field(default=False)
+    done: bool = False
 
 
 class Batch:
     """The running batch of one engine: requests join after prefill and leave between steps."""
 
     def __init__(self, stack: LayerStack, num_layers: int, capacity: int = 1, max_len: int = 0) -> None:
-        self.stack, self.num_layers = stack, num_layers
+        self.stack = stack
         self.pool = KVPool(num_layers, capacity, max_len)
         self.requests: list[Request] = []
         self._plan: list[tuple[int, torch.Tensor | None, list[Request]]] | None = None
@@ -215,7 +208,11 @@ class Batch:
         device = self.pool_device()
         tokens = torch.tensor([r.token for r in self.requests], device=device)
         positions = torch.tensor([r.length for r in self.requests], device=device)
-        plan = [(layer, rows, [r.length for r in owners]) for layer, rows, owners in self.plan()]
+        lengths: dict[int, list[int]] = {}  # per owner group, not per layer
+        for _, rows, owners in self.plan():
+            if id(rows) not in lengths:
+                lengths[id(rows)] = [r.length for r in owners]
+        plan = [(layer, rows, lengths[id(rows)]) for layer, rows, _ in self.plan()]
         logits = self.stack(tokens, positions, self.pool, plan)
         greedy = logits.argmax(-1).tolist() if any(r.greedy for r in self.requests) else None
         ended = []

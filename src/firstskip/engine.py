@@ -78,7 +78,7 @@ class Prefilled:
 
     def kv(self, row: int) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         """Row ``row``'s prompt keys and values [kv_heads, P, head_dim] per layer it keeps, else None."""
-        pad = self.cache.layers[0].keys.shape[2] - self.prompt_lens[row] if self.cache.layers else 0
+        pad = max(self.prompt_lens) - self.prompt_lens[row]  # prompts are left-padded to the longest
         return [None if self.skip[row, i] else (layer.keys[row, :, pad:], layer.values[row, :, pad:])
                 for i, layer in enumerate(self.cache.layers)]
 

@@ -97,9 +97,10 @@ def cache_kwargs(model: nn.Module, cache: Any) -> dict[str, Any]:
     ``past_key_values`` to ``cache`` (the old name warns until 5.40 drops it); earlier 5.x and
     remote-code models take ``past_key_values``."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # through a peft wrapper
-    return {_cache_keyword(type(base)): cache, "use_cache": True}
+    return {cache_keyword(type(base)): cache, "use_cache": True}
 
 
 @functools.cache
-def _cache_keyword(model_class: type) -> str:
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+def cache_keyword(module_class: type) -> str:
+    """``cache`` or ``past_key_values``: what a model's or a decoder layer's forward calls its cache."""
+    return "cache" if "cache" in inspect.signature(module_class.forward).parameters else "past_key_values"

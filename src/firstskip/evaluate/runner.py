@@ -402,8 +402,9 @@ def evaluate_dataset(models: Models, ds: Dataset, methods: Sequence[Method], run
         bi = cached_block_influence(models.base or models.tuned, run, ds, calibration_items, batch_size)
     ctx = BaselineContext(config.num_layers, tuple(config.protected), block_influence=bi)
     skips = {m.name: skip_sets(m, ctx, k, counts, models.of(m).config.static_skip) for m in runnable}
+    rival_ids = {m.name: _rival_id(m) for m in runnable}  # hashes an adapter file: once per method
     settings = {m.name: [normalise({"skip": "routers", **decision_of(models.of(m)), "max_new_tokens": max_new_tokens}
-                                   if s is None else {"skip": s, "max_new_tokens": max_new_tokens, **_rival_id(m)})
+                                   if s is None else {"skip": s, "max_new_tokens": max_new_tokens, **rival_ids[m.name]})
                          for s in skips[m.name]] for m in runnable}
     stores = {m.name: PredictionStore(folder / f"{m.name}.jsonl") for m in runnable}
 
