@@ -424,8 +424,9 @@ def export(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder to write (new or empty).")],
     model: ModelOpt = None,
     run: RunOpt = None,
-    fmt: Annotated[str, typer.Option("--format", help="pruned (a Hugging Face folder) or gguf (llama.cpp; "
-                                                      "models that come from a GGUF file).")] = "pruned",
+    fmt: Annotated[str, typer.Option("--format", help="pruned (a Hugging Face folder), gguf (llama.cpp; "
+                                                      "models that come from a GGUF file) or vllm (every layer "
+                                                      "and the routers, for the firstskip-vllm plugin; --run).")] = "pruned",
     skip: Annotated[Optional[str], typer.Option(help="Layers to remove, e.g. 10,11,12 or 10-17.")] = None,
     task_set: Annotated[Optional[str], typer.Option(
         help="Remove the skip set the run's routers choose most often on this dataset's test prompts.")] = None,
