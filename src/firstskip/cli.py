@@ -67,6 +67,8 @@ def generate(
     threshold: Annotated[Optional[float], typer.Option(help="Keep layer l iff its keep-probability >= this.")] = None,
     budget: Annotated[Optional[float], typer.Option(help="Skip this fraction of layers (lowest keep-probability).")] = None,
     prefill: Annotated[Optional[str], typer.Option(help="full (prompt runs every layer) or routed.")] = None,
+    snapped: Annotated[bool, typer.Option(help="Snap the threshold's skip set to the nearest of the run's "
+                                          "sets (learned by calibrate --snap K).")] = False,
     temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
     top_p: Annotated[Optional[float], typer.Option()] = None,
     top_k: Annotated[Optional[int], typer.Option()] = None,
@@ -85,6 +87,10 @@ def generate(
     sampling = Sampling(max_new_tokens, temperature, top_k, top_p, seed)
     fsm = load(model, run, dtype, device)
     fsm.set_decision(threshold=threshold, budget=budget, prefill=prefill)
+    if snapped:
+        if budget is not None:
+            raise FirstSkipError("--snapped snaps a threshold decision: give --threshold, not --budget")
+        fsm.update_config(decision="snapped")
     layers, stops = parse_layers(skip), stop or []
     if stream and not as_json:
         _print_stream(fsm, prompt, sampling, raw, layers, stops)
@@ -390,20 +396,28 @@ def train(
 @app.command(epilog="Examples:\n\n"
              "  firstskip calibrate --run runs/mix --data ../shared/data/samsum --data ../shared/data/xsum "
              "--data ../shared/data/boolq --skip-target 0.25\n\n"
+             "  firstskip calibrate --run runs/mix --data ../shared/data/samsum --data ../shared/data/xsum "
+             "--data ../shared/data/boolq --saving-target 0.3 --snap 8\n\n"
              "  firstskip calibrate --run runs/mix --data builtin:boolq --max-drop 0.05 --limit 64")
 def calibrate(
     run: Annotated[Path, typer.Option("--run", "-r", help="A trained run folder.")],
     data: DataOpt,
-    skip_target: Annotated[Optional[float], typer.Option(help="Mean fraction of all layers to skip.")] = None,
+    skip_target: Annotated[Optional[float], typer.Option(help="Mean fraction of all layers to skip per prompt.")] = None,
+    saving_target: Annotated[Optional[float], typer.Option(
+        help="Token-weighted decode saving: fraction of layer executions saved over the generated tokens "
+             "(each prompt weighs its reference's length).")] = None,
     max_drop: Annotated[Optional[float], typer.Option(
         help="Largest skip ratio whose response loss grows by at most this fraction (0.05 = 5%).")] = None,
-    limit: Annotated[Optional[int], typer.Option(help="Examples per dataset: the first of a seeded shuffle (with "
-                                                 "the training seed and the default, exactly those `train` held out).")] = None,
-    split: Annotated[str, typer.Option(help="Which split to read.")] = "train",
+    snap: Annotated[Optional[int], typer.Option(
+        help="Also learn K skip sets from the routers' decisions for the snapped decision (generate --snapped, "
+             "eval method first-snapped).")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Examples per dataset: the first of a seeded shuffle of the "
+                                                 "train split (with the training seed and the default, exactly "
+                                                 "those `train` held out).")] = None,
     seed: Annotated[Optional[int], typer.Option(
         help="Seed of the shuffle (default: the run's training seed).")] = None,
 ) -> None:
-    """Choose the skip threshold on held-out data and store it in the run."""
+    """Choose the skip threshold on held-out training data (never a test split) and store it in the run."""
     import dataclasses
 
     from firstskip import artifacts
@@ -412,7 +426,8 @@ def calibrate(
 
     if seed is None:  # a run trained with --seed 1 held out the first examples of *that* shuffle
         seed = artifacts.load_config(run).training.get("routers", {}).get("seed", 0)
-    result = calibrate_run(run, held_out_examples(data, limit, seed, split), skip_target, max_drop)
+    result = calibrate_run(run, held_out_examples(data, limit, seed), skip_target, max_drop,
+                           saving_target=saving_target, snap=snap)
     typer.echo(json.dumps(dataclasses.asdict(result)))
 
 

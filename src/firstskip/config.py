@@ -12,6 +12,7 @@ from firstskip.errors import FirstSkipError
 
 SCHEMA_VERSION = 1
 POOLINGS = ("mean", "mean-all", "last")
+DECISIONS = ("threshold", "budget", "snapped")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -24,7 +25,8 @@ class FirstSkipConfig:
     """Everything that defines a FiRST model on top of its base.
 
     The decision fields (``decision``, ``threshold``, ``skip_ratio``, ``prefill``) can be changed
-    at inference time without retraining; the router fields cannot.
+    at inference time without retraining; the router fields cannot. ``snapped`` decides by threshold,
+    then replaces the set with the nearest of ``snap_sets`` (`routers.decide`).
     """
 
     num_layers: int
@@ -34,10 +36,11 @@ class FirstSkipConfig:
     router_pooling: Literal["mean", "mean-all", "last"] = "mean"  # token scores -> p_l (RouterBank.keep_probability)
     template_tokens: list[int] | None = None  # [head, tail]: chat-template tokens every prompt shares
     protected_layers: list[int] | None = None  # None: the first and the last layer
-    decision: Literal["threshold", "budget"] = "threshold"
+    decision: Literal["threshold", "budget", "snapped"] = "threshold"
     threshold: float = 0.5  # keep layer l iff p_l >= threshold
     skip_ratio: float | None = None  # budget mode: skip round(ratio * num_layers) layers
     prefill: Literal["full", "routed"] = "full"
+    snap_sets: list[list[int]] | None = None  # decision 'snapped': a threshold set snaps to the nearest of these
     static_skip: list[int] | None = None  # a static-set run: every prompt skips these, no router decides
     base_model: str | None = None  # how to reload the base (hub id, folder or packaged name)
     fingerprint: dict[str, Any] = field(default_factory=dict)
@@ -53,16 +56,21 @@ class FirstSkipConfig:
                f"router pooling must be one of {', '.join(POOLINGS)}, got {self.router_pooling!r}")
         _check(self.template_tokens is None or (len(self.template_tokens) == 2 and min(self.template_tokens) >= 0),
                f"template_tokens must be [head, tail] token counts, got {self.template_tokens!r}")
-        _check(self.decision in ("threshold", "budget"),
-               f"decision must be 'threshold' or 'budget', got {self.decision!r}")
+        _check(self.decision in DECISIONS,
+               f"decision must be one of {', '.join(DECISIONS)}, got {self.decision!r}")
         _check(0.0 <= self.threshold <= 1.0, f"threshold must lie in [0, 1], got {self.threshold}")
         _check(self.prefill in ("full", "routed"), f"prefill must be 'full' or 'routed', got {self.prefill!r}")
         if self.skip_ratio is not None:
             _check(0.0 <= self.skip_ratio <= 1.0, f"skip ratio must lie in [0, 1], got {self.skip_ratio}")
         _check(self.decision != "budget" or self.skip_ratio is not None,
                "decision 'budget' needs a skip ratio (e.g. --budget 0.25)")
-        _check(self.decision != "budget" or self.prefill == "full",
-               "a budget decision ranks all layers at once, so it needs prefill 'full'")
+        _check(self.decision == "threshold" or self.prefill == "full",
+               f"a {self.decision} decision looks at all layers at once, so it needs prefill 'full'")
+        _check(self.decision != "snapped" or bool(self.snap_sets),
+               "decision 'snapped' needs the run's skip sets (learn them with firstskip calibrate --snap K)")
+        skippable = set(self.skippable)
+        bad = sorted({i for s in self.snap_sets or [] for i in s} - skippable)
+        _check(not bad, f"snap sets hold layers {bad} that are protected or outside 0..{self.num_layers - 1}")
         bad = [i for i in self.protected if not 0 <= i < self.num_layers]
         _check(not bad, f"protected layers {bad} are outside 0..{self.num_layers - 1}")
         bad = [i for i in self.static_skip or [] if not 0 <= i < self.num_layers]

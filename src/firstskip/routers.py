@@ -10,6 +10,7 @@ and masks.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -97,16 +98,37 @@ def last_index(mask: torch.Tensor) -> torch.Tensor:
 
 def decide(probs: torch.Tensor, config: FirstSkipConfig) -> torch.Tensor:
     """Skip mask [B, L] (True = skip) from keep-probabilities [B, L], per the config's decision
-    (a static-set run's fixed set for every row, whatever the probabilities)."""
+    (a static-set run's fixed set for every row, whatever the probabilities): ``threshold`` skips
+    the skippable layers with p_l < threshold, ``budget`` the k lowest, ``snapped`` the stored set
+    nearest to the threshold's (`nearest_set`)."""
     if config.static_skip is not None:
-        fixed = torch.zeros(probs.shape, dtype=torch.bool, device=probs.device)
-        fixed[:, config.static_skip] = True
-        return fixed
+        return set_mask([config.static_skip], probs.shape[-1], probs.device).expand(probs.shape[0], -1).clone()
     skippable = torch.zeros(probs.shape[-1], dtype=torch.bool, device=probs.device)
     skippable[config.skippable] = True
-    if config.decision == "threshold":
-        return (probs < config.threshold) & skippable
-    return lowest_k(probs, config.budget_k, skippable)
+    if config.decision == "budget":
+        return lowest_k(probs, config.budget_k, skippable)
+    skip = (probs < config.threshold) & skippable
+    if config.decision == "snapped":
+        stored = set_mask(config.snap_sets or [], probs.shape[-1], probs.device)
+        return stored[nearest_set(skip, stored)]
+    return skip
+
+
+def set_mask(sets: Sequence[Sequence[int]], num_layers: int, device: torch.device | None = None) -> torch.Tensor:
+    """Skip sets as a bool mask [K, L]."""
+    mask = torch.zeros(len(sets), num_layers, dtype=torch.bool, device=device)
+    for row, layers in enumerate(sets):
+        mask[row, list(layers)] = True
+    return mask
+
+
+def nearest_set(skip: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+    """Per row of ``skip`` [B, L], the index of the nearest row of ``stored`` [K, L] in Hamming distance
+    (layers in one set and not the other). Ties go to the set that skips fewer layers (the safer one
+    for quality), then to the earlier one (`calibrate` stores the most used first)."""
+    distance = (skip[:, None, :] ^ stored[None]).sum(-1)  # [B, K]
+    key = distance * (stored.shape[-1] + 1) + stored.sum(-1)[None]
+    return key.argmin(-1)  # the first of equal keys
 
 
 def lowest_k(probs: torch.Tensor, k: int, skippable: torch.Tensor) -> torch.Tensor:
