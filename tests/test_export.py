@@ -190,12 +190,65 @@ def test_gguf_export_needs_a_model_from_a_gguf(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+# -- vllm: every layer, the routers and the decision, for the plugin ---------------------------------------
+def test_vllm_export_holds_merged_weights_routers_and_settings(tmp_path):
+    from safetensors.torch import load_file
+
+    fsm = FirstSkipModel.from_base("random:tiny-qwen2", protected_layers=[0, 1, 5], threshold=0.3)
+    set_keep_probs(fsm, {2: 0.2})
+    save_run(fsm, tmp_path / "run", lora=("q_proj", "v_proj"))
+    result = export(tmp_path / "out", "vllm", run=tmp_path / "run")
+    out = tmp_path / "out"
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["FirstSkipQwen2ForCausalLM"] == [result["architecture"]]
+    settings = config["firstskip"]
+    assert settings["protected_layers"] == [0, 1, 5] and settings["threshold"] == 0.3
+    assert settings["decision"] == "threshold" and settings["num_layers"] == 6 and settings["version"] == 1
+    routers = load_file(out / "firstskip_routers.safetensors")
+    assert len(routers) == 6 * 6 and all(name.startswith("firstskip_routers.") for name in routers)
+    assert routers["firstskip_routers.2.down.bias"].item() == pytest.approx(math.log(0.2 / 0.8), abs=1e-6)
+    # the weights are the run's, LoRA merged, every layer kept: transformers reads them as the plain family
+    merged = FirstSkipModel.from_pretrained(tmp_path / "run").model
+    loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert loaded.config.num_hidden_layers == 6 and not any("lora" in k for k in loaded.state_dict())
+    ids = prompt(12, 2)
+    assert plain(loaded, ids)[0] == plain(merged, ids)[0]
+    assert json.loads((out / INFO_NAME).read_text())["format"] == "vllm"
+
+
+def test_vllm_export_of_a_budget_run_resolves_k_and_a_static_run_keeps_its_set(tmp_path):
+    FirstSkipModel.from_base("random:tiny-llama", decision="budget", skip_ratio=0.34).save_pretrained(tmp_path / "b")
+    FirstSkipModel.from_base("random:tiny-mistral", static_skip=[2, 3]).save_pretrained(tmp_path / "s")
+    budget = export(tmp_path / "ob", "vllm", run=tmp_path / "b")["settings"]
+    static = export(tmp_path / "os", "vllm", run=tmp_path / "s")["settings"]
+    assert budget["decision"] == "budget" and budget["budget_k"] == 2
+    assert static["static_skip"] == [2, 3]
+    assert json.loads((tmp_path / "os" / "config.json").read_text())["architectures"] == ["FirstSkipMistralForCausalLM"]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("model", "needs a --run with trained routers"),
+    ("skip", "keeps every layer"),
+    ("no routers", "holds no trained routers"),
+    ("family", "the vLLM plugin supports llama, mistral, qwen2, qwen3, not 'gemma2'"),
+])
+def test_vllm_export_refuses_bad_input_in_one_line(case, message, tmp_path):
+    run = tmp_path / "run"
+    FirstSkipModel.from_base("random:tiny-gemma2" if case == "family" else "random:tiny-llama").save_pretrained(run)
+    if case == "no routers":
+        (run / "routers.safetensors").unlink()
+    source = {"model": "random:tiny-llama"} if case == "model" else {"run": run}
+    with pytest.raises(FirstSkipError, match=message):
+        export(tmp_path / "out", "vllm", skip=[2] if case == "skip" else None, **source)
+    assert not (tmp_path / "out").exists()
+
+
 # -- mistakes --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("args, message", [
     (["--skip", "2,9"], "outside 0..5"),
     (["--skip", "0-5"], "all 6 layers"),
     ([], "give --skip"),
-    (["--skip", "2", "--format", "vllm"], "not available yet"),
+    (["--format", "vllm"], "needs a --run with trained routers"),
     (["--skip", "2", "--format", "onnx"], "unknown format"),
     (["--task-set", "builtin:boolq"], "needs a --run"),
     (["--skip", "2", "--task-set", "builtin:boolq"], "at most one of --skip or --task-set"),

@@ -11,7 +11,11 @@ task) needs no router and no firstskip at serving time: the skipped layers can s
   per-layer metadata array) cut; tensors keep their quantization, except those a run's LoRA changed
   (llama GGUFs), which are written merged, in float32.
 
-Both write a ``firstskip_export.json`` beside the weights saying which layers were removed and why.
+- ``vllm``: every layer kept, for the ``firstskip-vllm`` plugin (``plugins/vllm``): the merged weights,
+  the routers as tensors (``firstskip_routers.safetensors``), the decision settings under
+  ``config.json``'s ``firstskip`` key and ``architectures`` naming the plugin's model class.
+
+Each writes a ``firstskip_export.json`` beside the weights saying what was exported and why.
 """
 
 from __future__ import annotations
@@ -29,9 +33,14 @@ from firstskip import artifacts
 from firstskip.config import FirstSkipConfig
 from firstskip.errors import FirstSkipError
 
-FORMATS = ("pruned", "gguf")
+FORMATS = ("pruned", "gguf", "vllm")
 INFO_NAME = "firstskip_export.json"
 GGUF_NAME = "model.gguf"
+VLLM_ROUTERS_NAME = "firstskip_routers.safetensors"
+VLLM_ROUTER_PREFIX = "firstskip_routers."  # the plugin's parameter names: firstskip_routers.<layer>.<...>
+VLLM_SETTINGS_VERSION = 1
+# Families the vLLM plugin wraps (vLLM's classes take a decoder-layer type, so no model code is copied).
+VLLM_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 # Config fields holding one entry per decoder layer, cut like the layers themselves.
 PER_LAYER_CONFIG = ("layer_types", "no_rope_layers")
 # Where a run trained under one fixed skip set records it; such a run exports that set by default.
@@ -74,9 +83,6 @@ def export(out: str | os.PathLike, fmt: str = "pruned", *, model: str | None = N
         dtype: the pruned checkpoint's dtype (GGUF tensors keep theirs).
     """
     out = Path(out)
-    if fmt == "vllm":
-        raise FirstSkipError("--format vllm is not available yet; --format pruned writes a plain checkpoint "
-                             "that vLLM serves as it is")
     if fmt not in FORMATS:
         raise FirstSkipError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -87,6 +93,8 @@ def export(out: str | os.PathLike, fmt: str = "pruned", *, model: str | None = N
         raise FirstSkipError("give at most one of --skip or --task-set")
     if task_set is not None and run is None:
         raise FirstSkipError("--task-set needs a --run: its routers choose the skip set")
+    if fmt == "vllm":
+        return _export_vllm(out, model, run, skip, task_set, dtype)
     config = artifacts.load_config(run) if run is not None else None
     source = "--skip"
     if skip is None and task_set is None:
@@ -171,6 +179,65 @@ def _write_pruned(folder: Path, fsm: Any, keep: list[int], info: dict[str, Any])
 
 def _write_info(folder: Path, info: dict[str, Any]) -> None:
     (folder / INFO_NAME).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+
+# --- vllm: every layer, the routers and the decision, for the firstskip-vllm plugin ----------------------
+
+def _export_vllm(out: Path, model: str | None, run: str | os.PathLike | None, skip: Sequence[int] | None,
+                 task_set: str | None, dtype: str) -> dict[str, Any]:
+    """Check the input, then write the plugin's folder atomically; returns what was written."""
+    if run is None:
+        raise FirstSkipError(f"--format vllm needs a --run with trained routers, not --model {model}; "
+                             "use --format pruned for a plain checkpoint")
+    if skip is not None or task_set is not None:
+        raise FirstSkipError("--format vllm keeps every layer and lets the routers choose; --skip and "
+                             "--task-set are for --format pruned or gguf (a request can force a set through extra_args)")
+    config = artifacts.load_config(run)
+    routers = artifacts.load_routers(run)  # a run without routers.safetensors is a one-line error here
+    fsm = _load(None, run, dtype)
+    architecture = vllm_architecture(fsm.model.config)
+    info = {"format": "vllm", "base_model": config.base_model, "run": str(Path(run).resolve()),
+            "architecture": architecture, "num_layers": config.num_layers, "dtype": dtype}
+    artifacts.atomic_dir(out, lambda tmp: _write_vllm(Path(tmp), fsm, routers, architecture, info))
+    return {"out": str(out), **info, "settings": vllm_settings(config)}
+
+
+def vllm_architecture(hf_config: Any) -> str:
+    """The plugin's class for a model: ``FirstSkip`` + the model's own (``FirstSkipLlamaForCausalLM``)."""
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in VLLM_FAMILIES:
+        raise FirstSkipError(f"the vLLM plugin supports {', '.join(VLLM_FAMILIES)}, not {model_type!r}; "
+                             "use --format pruned for a plain checkpoint vLLM serves as it is")
+    return "FirstSkip" + (hf_config.architectures or [f"{model_type.capitalize()}ForCausalLM"])[0]
+
+
+def vllm_settings(config: FirstSkipConfig) -> dict[str, Any]:
+    """What the plugin needs to score and decide, resolved (no defaults left for it to know)."""
+    return {"version": VLLM_SETTINGS_VERSION, "num_layers": config.num_layers, "hidden_size": config.hidden_size,
+            "router_dim": config.router_dim, "router_activation": "gelu", "router_norm_eps": 1e-5,
+            "pooling": config.router_pooling,
+            "template_tokens": list(config.template_tokens or [0, 0]) if config.router_pooling == "mean" else [0, 0],
+            "protected_layers": config.protected, "decision": config.decision, "threshold": config.threshold,
+            "budget_k": config.budget_k if config.decision == "budget" else None, "prefill": config.prefill,
+            "static_skip": None if config.static_skip is None else sorted(config.static_skip)}
+
+
+def _write_vllm(folder: Path, fsm: Any, routers: dict[str, Any], architecture: str, info: dict[str, Any]) -> None:
+    fsm.model.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    # save_pretrained names the model's own class; the plugin's goes in afterwards, with the settings
+    config |= {"architectures": [architecture], "firstskip": vllm_settings(fsm.config)}
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    if fsm.tokenizer is not None:
+        fsm.tokenizer.save_pretrained(folder)
+    tensors = {VLLM_ROUTER_PREFIX + key.removeprefix("routers."): value.float() for key, value in routers.items()}
+    artifacts.write_tensors(folder / VLLM_ROUTERS_NAME, tensors, {"format": "pt"})
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():  # sharded weights: vLLM reads only the files the index names
+        data = json.loads(index.read_text(encoding="utf-8"))
+        data["weight_map"].update(dict.fromkeys(tensors, VLLM_ROUTERS_NAME))
+        index.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    _write_info(folder, info)
 
 
 # --- gguf: the source GGUF with blocks removed --------------------------------------------------------
