@@ -137,8 +137,9 @@ def test_static_baselines_skip_firsts_mean_count_and_per_example_its_own(evaluat
     for name in ("random", "shortgpt"):
         expected = static_skip_set(name, ctx, k)
         assert all(r["skipped"] == expected for r in records(out, "toy", name).values())
-        assert toy["methods"][name]["skip"] == {"k": k, "layers": expected, "mean_skipped": k,
-                                                "skip_ratio": k / config.num_layers}
+        skip = toy["methods"][name]["skip"]
+        assert skip["k"] == k and skip["layers"] == expected and skip["mean_skipped"] == k
+        assert skip["skip_ratio"] == skip["decode_saving"] == k / config.num_layers  # the same set on every token
     for item, r in records(out, "toy", "uls-per-example").items():
         assert r["skipped"] == static_skip_set("uls", ctx, counts[item])
     assert toy["methods"]["uls-per-example"]["skip"]["mean_skipped"] == pytest.approx(toy["budget"]["first_mean_skipped"])
@@ -288,16 +289,19 @@ def test_speed_is_timed_one_prompt_at_a_time_to_a_fixed_length_and_resumes(run, 
     assert [name for name, *_ in timed] == ["full", "full", "first"]  # a warm-up, then the new prompt
 
 
-def test_batched_throughput_counts_every_row_until_its_batch_ends():
-    """Rows of a batch decode together, so a row that stopped early still occupies every step."""
+def test_batched_throughput_counts_the_row_steps_the_loop_ran():
+    """The engine's loop drops a row when it ends; the fallback loop steps every row to the longest's end.
+    Counting the latter for the former gave LoRA-only, which skips nothing, a 'speedup' of 2.34x."""
     def record(new: int, finish: str, rows: int) -> dict:  # this row's share of its batch's times
         return {"new_tokens": new, "finish": finish,
                 "time": {"prefill_s": 1.0 / rows, "decode_s": 2.0 / rows, "batch_share": 1 / rows}}
 
     records = [record(2, "eos", 2), record(5, "length", 2), record(7, "length", 1)]
-    batched = runner._batched(records, [[0, 1], [2]])
-    assert batched["decode_tok_s"] == (2 * (5 - 1) + 1 * (7 - 1)) / 4.0
+    batched = runner._batched(records, [[0, 1], [2]], rows_leave=True)
+    assert batched["decode_tok_s"] == ((3 - 1) + (5 - 1) + (7 - 1)) / 4.0  # the EOS row sampled 3 tokens
     assert batched["batches"] == 2 and batched["ttft_s"] == 1.0
+    padded = runner._batched(records, [[0, 1], [2]], rows_leave=False)
+    assert padded["decode_tok_s"] == (2 * (5 - 1) + 1 * (7 - 1)) / 4.0
 
 
 def test_store_keeps_the_last_record_and_checks_its_setting(tmp_path):
@@ -308,13 +312,15 @@ def test_store_keeps_the_last_record_and_checks_its_setting(tmp_path):
     assert not reread.finished("b", {"skip": [2]})
 
 
-def test_row_steps_count_every_row_until_the_longest_ends():
+def test_row_steps_count_the_forwards_each_row_ran():
     def gen(n: int, skip: list[int], reason: str) -> Generation:
         return Generation(list(range(n)), skip, None, 5, reason)
 
-    # rows with different skip sets decode together: the longest row yields 5 -> 4 forwards x 3 rows
-    assert runner._decode_row_steps([gen(3, [], "eos"), gen(1, [], "eos"), gen(5, [2], "length")]) == 12
-    assert runner._decode_row_steps([gen(3, [], "eos"), gen(1, [], "eos")]) == 2 * (4 - 1)  # EOS: sampled, not kept
+    gens = [gen(3, [], "eos"), gen(1, [], "eos"), gen(5, [2], "length")]  # yield 4, 2 and 5 tokens
+    assert runner._decode_row_steps(gens, rows_leave=True) == 3 + 1 + 4  # the first token is prefill's
+    # the fallback loop: every row steps until the longest row has yielded its 5 -> 4 forwards x 3 rows
+    assert runner._decode_row_steps(gens, rows_leave=False) == 12
+    assert runner._decode_row_steps(gens[:2], rows_leave=False) == 2 * (4 - 1)  # EOS: sampled, not kept
 
 
 def test_length_batches_sort_longest_first():

@@ -253,8 +253,9 @@ def eval_(
     limit: LimitOpt = None,
     methods: Annotated[Optional[str], typer.Option(
         help="Comma-separated methods. Default: full, lora-only, first, first-nolora and every static baseline "
-             "at FiRST's mean skip count; add <baseline>-per-example for each item's own count. A wrong name "
-             "lists the valid ones.")] = None,
+             "at FiRST's mean skip count; add <baseline>-per-example for each item's own count, first-snapped "
+             "(calibrate --snap K), oracle (each task's most common FiRST set on its training prompts). A wrong "
+             "name lists the valid ones.")] = None,
     batch_size: Annotated[int, typer.Option(help="Prompts generated together.")] = 8,
     max_new_tokens: Annotated[Optional[int], typer.Option(
         help="One limit for every task (default per task: summaries and translation 64, yes/no and "

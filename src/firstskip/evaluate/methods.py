@@ -1,11 +1,14 @@
 """The methods an evaluation compares, and the skip set each one gives every item.
 
-Four methods are defined here (the full model, LoRA without skipping, FiRST, FiRST's routers
-without LoRA); the static ones are the keys of `baselines.BASELINES`, each at the equal budget
-k = mean of FiRST's per-example skip counts, or with the suffix ``-per-example`` at each item's
-own FiRST count. Adding a baseline to that registry adds it here and to the CLI. Rival runs
-(`train --static`) join as methods of their own (`rival_method`): a static set with the LoRA that
-was trained under it, FiRST's fair rival.
+Four methods are defined here and run by default (the full model, LoRA without skipping, FiRST,
+FiRST's routers without LoRA); the static ones are the keys of `baselines.BASELINES`, each at the
+equal budget k = mean of FiRST's per-example skip counts, or with the suffix ``-per-example`` at
+each item's own FiRST count. Adding a baseline to that registry adds it here and to the CLI. Two
+more on request: ``first-snapped`` (FiRST's set snapped to the nearest of the run's K sets,
+`calibrate --snap K`) and ``oracle`` (each task's most common FiRST set on that task's held-out
+training prompts, applied statically with FiRST's LoRA; it needs the task label, which a
+deployment does not have, hence the name). Rival runs (`train --static`) join as methods of their
+own (`rival_method`): a static set with the LoRA that was trained under it, FiRST's fair rival.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ class Method:
     baseline: str | None = None  # a BASELINES key: a static skip set on the base model
     per_example: bool = False  # static k = FiRST's count on this item, not the dataset mean
     rival: str | None = None  # a static-set run folder (`train --static`): its own LoRA and fixed set
+    oracle: bool = False  # the task's most common FiRST set on its training prompts, for every item
+    decision: str | None = None  # a decision other than the run's for the routers ("snapped")
 
 
 _OWN = {
@@ -36,6 +41,8 @@ _OWN = {
     "first-nolora": Method("first-nolora", tuned=False, routed=True),
 }
 DEFAULT_METHODS: tuple[str, ...] = (*_OWN, *BASELINES)
+_OWN.update({"first-snapped": Method("first-snapped", tuned=True, routed=True, decision="snapped"),
+             "oracle": Method("oracle", tuned=True, routed=False, oracle=True)})
 # The weights with every layer that a method's score is divided by: the base model, and the base with the
 # run's adapter ("FiRST keeps 95% of the score of the same LoRA without skipping").
 REFERENCES: tuple[str, ...] = ("full", "lora-only")
@@ -82,7 +89,7 @@ def rival_method(run: str, static: dict, taken: Sequence[str]) -> Method:
 
 
 def skip_sets(m: Method, ctx: BaselineContext, k: int, first_counts: Sequence[int],
-              rival_set: Sequence[int] | None = None) -> list[list[int] | None]:
+              fixed: Sequence[int] | None = None) -> list[list[int] | None]:
     """Per item: the forced skip set, or None where the routers decide.
 
     Args:
@@ -90,12 +97,12 @@ def skip_sets(m: Method, ctx: BaselineContext, k: int, first_counts: Sequence[in
         ctx: the model's depth, protected layers and block influence (ShortGPT).
         k: the equal budget, `equal_budget_k(first_counts)`.
         first_counts: FiRST's skip count on each item, in item order.
-        rival_set: a rival run's own fixed set (the one its LoRA was trained under).
+        fixed: a rival run's own fixed set (the one its LoRA was trained under), or the oracle's.
     """
     if m.routed:
         return [None] * len(first_counts)
-    if m.rival is not None:
-        return [list(rival_set or []) for _ in first_counts]
+    if m.rival is not None or m.oracle:
+        return [list(fixed or []) for _ in first_counts]
     if m.baseline is None:
         return [[] for _ in first_counts]
     if not m.per_example:

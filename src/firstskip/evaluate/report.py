@@ -1,5 +1,8 @@
 """The report of an evaluation: results.json, a markdown table and three plots, from the results dict alone.
 
+`pareto_points` and `plot_pareto` also draw several evaluations together (`firstskip.evaluate.pareto`):
+a method's operating points become a curve of quality against measured decode saving.
+
 Plots use matplotlib's object API (`Figure`, Agg canvas), so no global pyplot state or display is
 touched; every file is written atomically, like the run folder.
 """
@@ -20,10 +23,11 @@ PARETO_PNG, LAYERS_PNG, COUNTS_PNG = "pareto.png", "layer_usage.png", "skip_coun
 
 def write_report(results: dict[str, Any], out: Path) -> None:
     """results.json, results.md, pareto.png, layer_usage.png and skip_counts.png in ``out``."""
+    results["mixed"] = mixed(results)
     artifacts.write_json(out / RESULTS_JSON, results)
     artifacts.write_text(out / RESULTS_MD, markdown(results))
     datasets = results["datasets"]
-    plot_pareto(datasets, out / PARETO_PNG)
+    plot_pareto(pareto_points([results]), out / PARETO_PNG)
     plot_layer_usage({_label(name, d): d["layer_keep_rate"] for name, d in datasets.items()},
                      results["protected"], out / LAYERS_PNG)
     plot_skip_counts({_label(name, d): (d["budget"]["first_skip_counts"], d["budget"]["k"])
@@ -54,7 +58,9 @@ def markdown(results: dict[str, Any]) -> str:
              f"Greedy decoding. Intervals are 95% bootstrap intervals.", "",
              f"Speed ({results['settings']['speed_items']} prompts per dataset): {results['timing']}. "
              f"Threads: {results['environment']['threads']}.", ""]
-    lines += ["## Summary: primary metric [95% interval] / decode speedup vs full", "", *summary(results)]
+    lines += [f"Budgets: {results['budgets']}.", "",
+              "## Summary: primary metric [95% interval] / decode saving (token-weighted) / latency per request",
+              "", *summary(results)]
     kept = kept_table(results)
     if kept:
         lines += ["", "## Quality kept: primary metric over the same weights with every layer "
@@ -65,19 +71,63 @@ def markdown(results: dict[str, Any]) -> str:
 
 
 def summary(results: dict[str, Any]) -> list[str]:
-    """Methods x datasets: primary metric [95% interval] / decode speedup vs full, as markdown lines."""
+    """Methods x datasets (and the mixed workload): primary metric [95% interval] / token-weighted decode
+    saving / latency per request, as markdown lines."""
     datasets = results["datasets"]
+    mix = mixed(results)
     methods = list(dict.fromkeys(m for ds in datasets.values() for m in ds["methods"]))
-    lines = ["| method | " + " | ".join(f"{n} ({ds['primary_metric']})" for n, ds in datasets.items()) + " |",
-             "|---" * (len(datasets) + 1) + "|"]
+    lines = ["| method | " + " | ".join(f"{n} ({ds['primary_metric']})" for n, ds in datasets.items()) +
+             " | mixed workload |", "|---" * (len(datasets) + 2) + "|"]
     for m in methods:
         cells = []
         for ds in datasets.values():
             r = ds["methods"].get(m)
             cells.append("–" if r is None else f"{_cell(r['metrics'][ds['primary_metric']])} / "
-                                               f"{_num(r['speed']['decode_speedup'], '.2f')}×")
+                                               f"{_budget(r['skip']['decode_saving'], r['speed']['latency_s'])}")
+        w = mix["methods"].get(m)
+        cells.append("–" if w is None else f"{_num(w['quality'], '.2f')} of {mix['reference']} / "
+                                           f"{_budget(w['decode_saving'], w['latency_s'])}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return lines
+
+
+def _budget(saving: float, latency: float | None) -> str:
+    return f"saves {100 * saving:.1f}% / {_num(latency, '.2f')} s"
+
+
+def mixed(results: dict[str, Any]) -> dict[str, Any]:
+    """The datasets' test items together, as a deployment sees them, per method that ran on all of them:
+    token-weighted decode saving over all their decode steps, mean latency per request over all items,
+    and quality as the items-weighted mean of each dataset's primary metric over the reference's
+    (lora-only where it ran, else full), since the tasks' metrics differ."""
+    datasets = list(results["datasets"].values())
+    names = dict.fromkeys(m for ds in datasets for m in ds["methods"])
+    ran = [m for m in names if all(m in ds["methods"] for ds in datasets)]
+    reference = next((ref for ref in ("lora-only", "full") if ref in ran), None)
+    out: dict[str, Any] = {"reference": reference, "items": sum(ds["items"] for ds in datasets), "methods": {}}
+    for m in ran:
+        rs = [(ds, ds["methods"][m]) for ds in datasets]
+        steps = sum(r["skip"]["decode_steps"] for _, r in rs)
+        latencies = [(ds["items"], r["speed"]["latency_s"]) for ds, r in rs]
+        timed = all(t is not None for _, t in latencies)
+        out["methods"][m] = {
+            "decode_saving": sum(r["skip"]["saved_layer_steps"] for _, r in rs) / (results["num_layers"] * steps)
+            if steps else 0.0,
+            "skip_ratio": sum(ds["items"] * r["skip"]["skip_ratio"] for ds, r in rs) / out["items"],
+            "latency_s": sum(n * t for n, t in latencies) / out["items"] if timed else None,
+            "quality": None if reference is None else _relative(rs, reference, out["items"])}
+    return out
+
+
+def _relative(rs: list[tuple[dict[str, Any], dict[str, Any]]], reference: str, items: int) -> float | None:
+    total = 0.0
+    for ds, r in rs:
+        metric = ds["primary_metric"]
+        below = ds["methods"][reference]["metrics"][metric]["score"]
+        if below == 0:
+            return None
+        total += ds["items"] * r["metrics"][metric]["score"] / below
+    return total / items
 
 
 def kept_table(results: dict[str, Any]) -> list[str]:
@@ -105,16 +155,26 @@ def _dataset_table(name: str, ds: dict[str, Any]) -> list[str]:
     lines = [f"## {name} ({ds['task']}, {ds['items']} items, max_new_tokens {ds['max_new_tokens']})", "",
              f"FiRST skipped {b['first_mean_skipped']:.2f} layers per item on average, so static baselines "
              f"skip k = {b['k']}.", "",
-             "| method | k | " + " | ".join(metrics) + " | mean skipped | skip ratio | decode tok/s | "
-             "speedup | TTFT s | TTFT vs full | batched speedup |",
-             "|---" * (len(metrics) + 9) + "|"]
+             "| method | k | " + " | ".join(metrics) + " | mean skipped | skip ratio | decode saving | "
+             "latency s | decode tok/s | speedup | TTFT s | TTFT vs full | batched speedup (bound) |",
+             "|---" * (len(metrics) + 11) + "|"]
     for m, r in ds["methods"].items():
-        s, sp = r["skip"], r["speed"]
+        s, sp, b = r["skip"], r["speed"], r["batched"]
         k = "" if s["k"] is None else str(s["k"])
+        flag = " †" if b["above_bound"] else ""
         lines.append(f"| {m} | {k} | " + " | ".join(_cell(r["metrics"][x]) for x in metrics) +
-                     f" | {s['mean_skipped']:.2f} | {s['skip_ratio']:.3f} | {_num(sp['decode_tok_s'], '.1f')} | "
+                     f" | {s['mean_skipped']:.2f} | {s['skip_ratio']:.3f} | {s['decode_saving']:.3f} | "
+                     f"{_num(sp['latency_s'], '.2f')} | {_num(sp['decode_tok_s'], '.1f')} | "
                      f"{_num(sp['decode_speedup'], '.2f')} | {_num(sp['ttft_s'], '.3f')} | "
-                     f"{_num(sp['ttft_vs_full'], '.2f')} | {_num(r['batched']['decode_speedup'], '.2f')} |")
+                     f"{_num(sp['ttft_vs_full'], '.2f')} | {_num(b['decode_speedup'], '.2f')}{flag} "
+                     f"({b['work_bound']:.2f}) |")
+    if any(r["batched"]["above_bound"] for r in ds["methods"].values()):
+        lines.append("- †: batched speedup above its work bound 1 / (1 - decode saving): not skipping's doing "
+                     "(timing noise, or outputs that end at other times within a batch)")
+    if "oracle" in ds:
+        o = ds["oracle"]
+        lines.append(f"- oracle: FiRST's most common set on {o['prompts']} held-out training prompts of this task "
+                     f"({100 * o['share']:.0f}% of them), {o['layers']}, for every item; it needs the task label")
     lines += [f"- {m}: not run ({why})" for m, why in ds["not_run"].items()]
     if "first_matches_decisions" in ds:
         lines.append(f"- FiRST's skip sets during generation equal its budget-setting decisions on "
@@ -142,22 +202,67 @@ def _grid(n: int, cell: tuple[float, float]) -> tuple[Any, list[Any]]:
     return fig, axes[:n]
 
 
-def plot_pareto(datasets: Mapping[str, Any], path: Path) -> None:
-    """Quality (primary metric, 95% interval) against measured decode speedup, one panel per dataset."""
-    fig, axes = _grid(max(len(datasets), 1), (5.0, 4.0))
-    for ax, (name, ds) in zip(axes, datasets.items()):
-        metric = ds["primary_metric"]
-        for m, r in ds["methods"].items():
-            x, score = r["speed"]["decode_speedup"], r["metrics"][metric]
-            if x is None:
-                continue
-            first = m.startswith("first")
-            ax.errorbar(x, score["score"], yerr=[[score["score"] - score["low"]], [score["high"] - score["score"]]],
-                        fmt="*" if first else "o", markersize=11 if first else 6, capsize=3,
-                        color="tab:red" if first else "tab:blue")
-            ax.annotate(m, (x, score["score"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        ax.axvline(1.0, color="grey", linewidth=0.6, linestyle=":")
-        ax.set(title=f"{name} ({ds['task']})", xlabel="decode speedup vs full (measured)", ylabel=metric)
+MIXED = "mixed workload"
+Point = tuple[float, float, float | None, float | None]  # (decode saving, quality, interval low, high)
+
+
+def pareto_points(evaluations: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, list[Point]]]:
+    """Panel (each dataset, and the mixed workload) -> method family -> its operating points, sorted by
+    decode saving. A family is a method's name up to ``:`` (the rival ``shortgpt+lora:runs/x`` belongs
+    to ``shortgpt+lora``), so the same method at several budgets, in one evaluation or several, is one
+    curve. Per dataset the quality is the primary metric with its 95% interval; on the mixed workload
+    it is the quality kept over the reference (`mixed`)."""
+    panels: dict[str, dict[str, list[Point]]] = {}
+    for results in evaluations:
+        for name, ds in results["datasets"].items():
+            panel = panels.setdefault(f"{name} ({ds['primary_metric']})", {})
+            for m, r in ds["methods"].items():
+                score = r["metrics"][ds["primary_metric"]]
+                panel.setdefault(m.split(":")[0], []).append(
+                    (r["skip"]["decode_saving"], score["score"], score["low"], score["high"]))
+        mix = mixed(dict(results))
+        kept = {m: r for m, r in mix["methods"].items() if r["quality"] is not None}
+        if len(results["datasets"]) > 1 and kept:
+            panel = panels.setdefault(f"{MIXED} (quality kept over {mix['reference']})", {})
+            for m, r in kept.items():
+                panel.setdefault(m.split(":")[0], []).append((r["decode_saving"], r["quality"], None, None))
+    return {p: {f: sorted(points) for f, points in families.items()} for p, families in panels.items()}
+
+
+def interpolate(points: Sequence[Point], saving: float) -> float | None:
+    """A curve's quality at ``saving``, linear between its two neighbouring points; None outside its range."""
+    for (x0, y0, *_), (x1, y1, *_) in zip(points, points[1:]):
+        if x0 <= saving <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (saving - x0) / (x1 - x0)
+    return points[0][1] if len(points) == 1 and points[0][0] == saving else None
+
+
+def equal_saving_table(panels: Mapping[str, Mapping[str, Sequence[Point]]]) -> dict[str, Any]:
+    """Per panel, each family's quality at every saving some family was measured at (interpolated where
+    its own points do not line up; None outside its measured range): rivals at equal decode work."""
+    table: dict[str, Any] = {}
+    for panel, families in panels.items():
+        savings = sorted({round(p[0], 4) for points in families.values() for p in points})
+        table[panel] = {"savings": savings,
+                        "quality": {f: [interpolate(points, x) for x in savings] for f, points in families.items()}}
+    return table
+
+
+def plot_pareto(panels: Mapping[str, Mapping[str, Sequence[Point]]], path: Path) -> None:
+    """Quality against measured token-weighted decode saving, one panel per dataset and the mixed
+    workload; a method family's points joined in order of saving (95% intervals where known)."""
+    fig, axes = _grid(max(len(panels), 1), (5.0, 4.0))
+    for ax, (panel, families) in zip(axes, panels.items()):
+        for family, points in families.items():
+            first = family.startswith("first")
+            xs, ys = [100 * p[0] for p in points], [p[1] for p in points]
+            line, = ax.plot(xs, ys, marker="*" if first else "o", markersize=11 if first else 6,
+                            linewidth=2 if first else 1, label=family, color="tab:red" if family == "first" else None)
+            for (x, y, low, high) in points:
+                if low is not None:
+                    ax.errorbar(100 * x, y, yerr=[[y - low], [high - y]], color=line.get_color(), capsize=3)
+        ax.set(title=panel, xlabel="decode saving, token-weighted (% of layer executions)", ylabel="quality")
+        ax.legend(fontsize=6)
     _save(fig, path)
 
 

@@ -10,7 +10,9 @@ Per dataset, in this order:
    Every item is appended to ``predictions/<dataset>/<method>.jsonl`` at once, and a restarted
    evaluation skips what is finished (see `store`).
 3. Decode speed, each of the first few prompts alone (`time_single_prompts`, `SPEED`).
-4. Scores with 95% bootstrap intervals (`metrics.evaluate_predictions`).
+4. Scores with 95% bootstrap intervals (`metrics.evaluate_predictions`), and the budget in decode
+   work (`BUDGETS`): the token-weighted decode saving beside the per-prompt skip ratio, and the
+   latency per request.
 """
 
 from __future__ import annotations
@@ -38,8 +40,13 @@ from firstskip.errors import FirstSkipError
 from firstskip.evaluate import report
 from firstskip.evaluate.methods import REFERENCES, Method, parse_methods, rival_method, skip_sets
 from firstskip.evaluate.store import PredictionStore, normalise
+from firstskip.config import FirstSkipConfig
+from firstskip.export import most_common_skip_set
 from firstskip.metrics import evaluate_predictions, paired_ratio, primary_metric
 from firstskip.modeling import FirstSkipModel
+from firstskip.routers import decide
+from firstskip.train import held_out_examples
+from firstskip.train.calibrate import token_weighted_saving
 
 TASK_MAX_NEW_TOKENS: dict[str, int] = {"summarization": 64, "translation": 64, "classification": 8,
                                        "yesno": 8, "qa_open": 16, "math": 256}
@@ -52,7 +59,17 @@ SPEED = ("speed: each of the first `speed_items` prompts alone (batch 1, the edg
          "(new tokens - 1) / decode wall time (median); speedup = median over prompts of the method's decode "
          "tok/s over the full model's on the same prompt. Batched: the evaluation's own batches, one prefill "
          "shared by the methods on the same weights (rows with different skip sets share a batch, so a layer "
-         "kept by any row runs for its rows): decode row-steps / decode wall time, no warm-up")
+         "kept by any row runs for its rows): decode row-steps run / decode wall time, no warm-up; a row leaves "
+         "its batch when it ends, so this throughput also depends on how the outputs' lengths differ within "
+         "a batch (a method whose rows end early runs its last steps on fewer rows), and is bounded by the "
+         "work ratio 1 / (1 - decode saving) only up to that")
+BUDGETS = ("decode saving (token-weighted): share of decoder-layer executions saved over all generated tokens, "
+           "sum over items of skipped layers x decode steps / (layers x sum of decode steps), where an item's "
+           "decode steps are its tokens after the first (an EOS the loop sampled included) in this evaluation; "
+           "the first token comes from prefill, which runs every layer, and is not counted. Skip ratio: "
+           "skipped layers per prompt / layers, each prompt alike. Latency per request: the batch-1 time to "
+           "first token + the item's decode steps / batch-1 decode tok/s (both medians of `speed`), averaged "
+           "over the items with their real output lengths. Mixed workload: the datasets' items together")
 
 
 @dataclass
@@ -136,9 +153,15 @@ def load_rival(run: str, first: FirstSkipModel, dtype: str, device: str) -> Firs
     return fsm
 
 
-def decision_of(fsm: FirstSkipModel) -> dict[str, Any]:
-    c = fsm.config
-    return {"decision": c.decision, "threshold": c.threshold, "skip_ratio": c.skip_ratio, "prefill": c.prefill}
+def decision_of(c: FirstSkipConfig) -> dict[str, Any]:
+    snapped = {"snap_sets": c.snap_sets} if c.decision == "snapped" else {}
+    return {"decision": c.decision, "threshold": c.threshold, "skip_ratio": c.skip_ratio, "prefill": c.prefill,
+            **snapped}
+
+
+def method_config(fsm: FirstSkipModel, m: Method) -> FirstSkipConfig:
+    """The decision settings a method's routers use: the run's, or its own decision (``snapped``)."""
+    return fsm.config.replace(decision=m.decision)
 
 
 # -- FiRST's decisions -------------------------------------------------------------------------
@@ -171,7 +194,7 @@ def router_decisions(fsm: FirstSkipModel, prompts: Sequence[Sequence[int]], batc
 
 def _decisions(fsm: FirstSkipModel, ds: Dataset, prompts: list[list[int]], batches: list[list[int]],
                store: PredictionStore, progress: bool) -> list[dict[str, Any]]:
-    setting = normalise(decision_of(fsm))
+    setting = normalise(decision_of(fsm.config))
     todo = [[i for i in b if not store.finished(ds.examples[i].id, setting)] for b in batches]
     with tqdm(total=sum(map(len, todo)), desc=f"{ds.name}: routers", unit="item", disable=not progress) as bar:
         for batch in filter(None, todo):
@@ -217,13 +240,21 @@ def _yielded(new_tokens: int, finish: str) -> int:
     return new_tokens + (finish == "eos")
 
 
-def _row_steps(yielded: Sequence[int]) -> int:
-    """Row-steps the decode loop ran for one batch: every row steps until the longest row ends."""
-    return len(yielded) * (max(yielded) - 1)  # the first token is prefill's
+def _row_steps(yielded: Sequence[int], rows_leave: bool) -> int:
+    """Row-steps the decode loop ran for one batch (the first token is prefill's). The engine's own loop
+    drops a row as soon as it ends; the fallback loop (`Engine.stack` None) steps every row until the
+    longest row ends. Counting the latter for the former credited a batch with steps it never ran
+    (LoRA-only, skipping nothing, read 2.34x the full model's throughput)."""
+    return sum(y - 1 for y in yielded) if rows_leave else len(yielded) * (max(yielded) - 1)
 
 
-def _decode_row_steps(gens: Sequence[Generation]) -> int:
-    return _row_steps([_yielded(g.new_tokens, g.finish_reason) for g in gens])
+def _decode_row_steps(gens: Sequence[Generation], rows_leave: bool) -> int:
+    return _row_steps([_yielded(g.new_tokens, g.finish_reason) for g in gens], rows_leave)
+
+
+def _decode_steps(record: dict[str, Any]) -> int:
+    """The decode forwards of one stored item: its tokens after the first (prefill's)."""
+    return _yielded(record["new_tokens"], record["finish"]) - 1
 
 
 def generate_batch(fsm: FirstSkipModel, m: Method, prompts: list[list[int]], skips: list[list[int] | None],
@@ -231,7 +262,7 @@ def generate_batch(fsm: FirstSkipModel, m: Method, prompts: list[list[int]], ski
     """One batch of one method, with its own prefill; both phases timed."""
     engine = fsm.engine
     start = _now(engine.device)
-    pre = engine.prefill(prompts, None if m.routed else skips, routers=m.routed)
+    pre = engine.prefill(prompts, None if m.routed else skips, config=method_config(fsm, m), routers=m.routed)
     prefilled = _now(engine.device)
     return decode_batch(fsm, pre, sampling, stop_at_eos, prefilled - start)
 
@@ -244,7 +275,8 @@ def decode_batch(fsm: FirstSkipModel, pre: Prefilled, sampling: Sampling, stop_a
     end = _now(fsm.engine.device)
     for g in gens:
         g.text = fsm.decode(g.token_ids)
-    return gens, {"prefill_s": prefill_s, "decode_s": end - start, "decode_row_steps": _decode_row_steps(gens)}
+    return gens, {"prefill_s": prefill_s, "decode_s": end - start,
+                  "decode_row_steps": _decode_row_steps(gens, fsm.engine.stack is not None)}
 
 
 def generate_methods(fsm: FirstSkipModel, methods: Sequence[Method], prompts: list[list[int]],
@@ -268,6 +300,8 @@ def generate_methods(fsm: FirstSkipModel, methods: Sequence[Method], prompts: li
         pre.cache = copy.deepcopy(shared.cache)
         if not m.routed:
             pre.skip, pre.probs = fsm.engine.forced_skip(skips[m.name], len(prompts)), None
+        elif m.decision is not None:
+            pre.skip = decide(shared.probs, method_config(fsm, m))
         out[m.name] = decode_batch(fsm, pre, sampling, prefill_s=prefill_s)
     return out
 
@@ -285,10 +319,11 @@ def _record(example: Example, g: Generation, setting: dict[str, Any], timing: di
 
 # -- one dataset ----------------------------------------------------------------------------
 
-def _batched(records: Sequence[dict[str, Any]], batches: Sequence[Sequence[int]]) -> dict[str, Any]:
+def _batched(records: Sequence[dict[str, Any]], batches: Sequence[Sequence[int]], rows_leave: bool) -> dict[str, Any]:
     """Throughput over the evaluation's batches; row-steps are counted from the records, per batch."""
     total = {k: sum(r["time"][k] for r in records) for k in ("prefill_s", "decode_s", "batch_share")}
-    steps = sum(_row_steps([_yielded(records[i]["new_tokens"], records[i]["finish"]) for i in b]) for b in batches)
+    steps = sum(_row_steps([_yielded(records[i]["new_tokens"], records[i]["finish"]) for i in b], rows_leave)
+                for b in batches)
     return {"ttft_s": total["prefill_s"] / total["batch_share"],
             "decode_tok_s": steps / total["decode_s"] if total["decode_s"] > 0 else None,
             "prefill_s_total": total["prefill_s"], "decode_s_total": total["decode_s"],
@@ -325,19 +360,34 @@ def _choices(ds: Dataset) -> list[list[str] | None] | None:
     return None if all(c is None for c in choices) else choices
 
 
+def decode_budget(records: Sequence[dict[str, Any]], num_layers: int) -> dict[str, Any]:
+    """The per-prompt skip ratio and the token-weighted decode saving of stored items (see ``BUDGETS``)."""
+    skipped, steps = [len(r["skipped"]) for r in records], [_decode_steps(r) for r in records]
+    return {"mean_skipped": statistics.fmean(skipped), "skip_ratio": statistics.fmean(skipped) / num_layers,
+            "decode_saving": token_weighted_saving(skipped, steps, num_layers), "decode_steps": sum(steps),
+            "saved_layer_steps": sum(s * n for s, n in zip(skipped, steps))}
+
+
+def latency(speed: Mapping[str, Any], records: Sequence[dict[str, Any]]) -> float | None:
+    """Mean latency per request at batch 1: time to first token + the item's decode steps at the
+    method's decode speed (both measured alone, `time_single_prompts`); None when nothing was timed."""
+    if not speed["decode_tok_s"]:
+        return None
+    return speed["ttft_s"] + statistics.fmean(_decode_steps(r) for r in records) / speed["decode_tok_s"]
+
+
 def _method_result(m: Method, ds: Dataset, records: list[dict[str, Any]], batches: list[list[int]],
-                   num_layers: int, k: int, skips: list[list[int] | None], speed: dict[str, Any]) -> dict[str, Any]:
+                   num_layers: int, k: int, skips: list[list[int] | None], speed: dict[str, Any],
+                   rows_leave: bool) -> dict[str, Any]:
     metrics = evaluate_predictions(ds.task, [r["prediction"] for r in records], [e.references for e in ds.examples],
                                    _choices(ds))
-    skipped = [len(r["skipped"]) for r in records]
-    static = m.baseline is not None and not m.per_example
+    static = (m.baseline is not None and not m.per_example) or m.rival is not None or m.oracle
     return {
         "metrics": metrics,
         "skip": {"k": "per-example" if m.per_example else k if m.baseline else None,
-                 "layers": skips[0] if static else None,
-                 "mean_skipped": statistics.fmean(skipped), "skip_ratio": statistics.fmean(skipped) / num_layers},
-        "speed": speed,
-        "batched": _batched(records, batches),
+                 "layers": skips[0] if static else None, **decode_budget(records, num_layers)},
+        "speed": {**speed, "latency_s": latency(speed, records)},
+        "batched": _batched(records, batches, rows_leave),
         "finish": {reason: sum(r["finish"] == reason for r in records) for reason in ("eos", "length", "stop")},
     }
 
@@ -352,11 +402,15 @@ def _add_quality_ratios(methods: dict[str, dict[str, Any]], ds: Dataset, predict
 
 
 def _add_batched_ratios(methods: dict[str, dict[str, Any]]) -> None:
+    """Batched decode throughput over the full model's, beside the work bound 1 / (1 - decode saving):
+    skipping alone cannot do better (``above_bound`` flags a ratio that did: noise or batch shape)."""
     full = methods.get("full", {}).get("batched")
     for result in methods.values():
         speed = result["batched"]
         ok = full is not None and full["decode_tok_s"] and speed["decode_tok_s"]
         speed["decode_speedup"] = speed["decode_tok_s"] / full["decode_tok_s"] if ok else None
+        speed["work_bound"] = 1 / (1 - result["skip"]["decode_saving"])
+        speed["above_bound"] = bool(ok) and speed["decode_speedup"] > speed["work_bound"] * 1.05
 
 
 def time_single_prompts(models: Models, ds: Dataset, methods: Sequence[Method], prompts: list[list[int]],
@@ -396,14 +450,20 @@ def evaluate_dataset(models: Models, ds: Dataset, methods: Sequence[Method], run
 
     not_run = {m.name: "the run has no LoRA adapter" + (": same as first" if m.routed else "")
                for m in methods if m.name in ("lora-only", "first-nolora") and not models.has_adapter}
+    if not config.snap_sets or config.decision == "budget":
+        not_run.update({m.name: "the run has no snap sets (firstskip calibrate --snap K)" if not config.snap_sets
+                        else "snapping applies to a threshold decision, not a budget" for m in methods if m.decision})
     runnable = [m for m in methods if m.name not in not_run]
     bi = None
     if any(m.baseline == "shortgpt" for m in runnable):
         bi = cached_block_influence(models.base or models.tuned, run, ds, calibration_items, batch_size)
     ctx = BaselineContext(config.num_layers, tuple(config.protected), block_influence=bi)
-    skips = {m.name: skip_sets(m, ctx, k, counts, models.of(m).config.static_skip) for m in runnable}
+    oracle = oracle_set(first, ds, calibration_items, batch_size) if any(m.oracle for m in runnable) else None
+    skips = {m.name: skip_sets(m, ctx, k, counts, oracle["layers"] if m.oracle else models.of(m).config.static_skip)
+             for m in runnable}
     rival_ids = {m.name: _rival_id(m) for m in runnable}  # hashes an adapter file: once per method
-    settings = {m.name: [normalise({"skip": "routers", **decision_of(models.of(m)), "max_new_tokens": max_new_tokens}
+    settings = {m.name: [normalise({"skip": "routers", **decision_of(method_config(models.of(m), m)),
+                                    "max_new_tokens": max_new_tokens}
                                    if s is None else {"skip": s, "max_new_tokens": max_new_tokens, **rival_ids[m.name]})
                          for s in skips[m.name]] for m in runnable}
     stores = {m.name: PredictionStore(folder / f"{m.name}.jsonl") for m in runnable}
@@ -434,7 +494,8 @@ def evaluate_dataset(models: Models, ds: Dataset, methods: Sequence[Method], run
     speed = _single(time_single_prompts(models, ds, runnable, prompts, skips, settings, folder, speed_items,
                                         progress))
     results = {m.name: _method_result(m, ds, [stores[m.name].records[e.id] for e in ds.examples], batches,
-                                      config.num_layers, k, skips[m.name], speed[m.name]) for m in runnable}
+                                      config.num_layers, k, skips[m.name], speed[m.name],
+                                      models.of(m).engine.stack is not None) for m in runnable}
     _add_batched_ratios(results)
     _add_quality_ratios(results, ds, {name: [stores[name].records[e.id]["prediction"] for e in ds.examples]
                                       for name in results})
@@ -445,10 +506,22 @@ def evaluate_dataset(models: Models, ds: Dataset, methods: Sequence[Method], run
         "budget": {"k": k, "first_mean_skipped": statistics.fmean(counts), "first_skip_counts": counts},
         "layer_keep_rate": keep, "block_influence": bi, "methods": results, "not_run": not_run,
     }
+    if oracle is not None:
+        out_ds["oracle"] = oracle
     if "first" in stores:
         same = [stores["first"].records[e.id]["skipped"] == d["skipped"] for e, d in zip(ds.examples, decided)]
         out_ds["first_matches_decisions"] = statistics.fmean(same)
     return out_ds
+
+
+def oracle_set(fsm: FirstSkipModel, ds: Dataset, items: int, batch_size: int) -> dict[str, Any]:
+    """The oracle's set for one task: FiRST's most common set (`export.most_common_skip_set`, at the
+    evaluation's decision settings) on the task's held-out *training* prompts, those calibration reads
+    (`held_out_examples` with the run's training seed); never on the test items it is scored on."""
+    seed = fsm.config.training.get("routers", {}).get("seed", 0)
+    prompts = [e.prompt for e in held_out_examples([ds.spec], items, seed)]
+    layers, share = most_common_skip_set(fsm, prompts, batch_size)
+    return {"layers": layers, "share": share, "prompts": len(prompts), "split": "train", "seed": seed}
 
 
 # -- whole runs -----------------------------------------------------------------------------
@@ -511,7 +584,7 @@ def evaluate_run(run: str | os.PathLike, data_specs: Sequence[str], methods: str
         max_new_tokens: one number for every task, or per-task overrides of `TASK_MAX_NEW_TOKENS`.
         threshold: FiRST's keep threshold, instead of the run's.
         budget: FiRST skips this fraction of layers (lowest keep-probabilities) instead.
-        calibration_items: train items for ShortGPT's block influence.
+        calibration_items: train items for ShortGPT's block influence and the oracle's set.
         speed_items: prompts per dataset timed alone (batch 1) for decode speed; 0: none.
         dtype: model dtype.
         device: cpu, cuda ...
@@ -536,13 +609,13 @@ def evaluate_run(run: str | os.PathLike, data_specs: Sequence[str], methods: str
     results: dict[str, Any] = {
         "schema": 1, "run": str(run), "base_model": models.tuned.config.base_model,
         "num_layers": models.tuned.config.num_layers, "protected": models.tuned.config.protected,
-        "decision": decision_of(models.tuned), "has_adapter": models.has_adapter,
+        "decision": decision_of(models.tuned.config), "has_adapter": models.has_adapter,
         "settings": {"methods": [m.name for m in chosen], "limit": limit, "batch_size": batch_size,
                      "calibration_items": calibration_items, "speed_items": speed_items, "dtype": dtype,
                      "device": device,
                      "uls_variants": {"uls": "evenly spaced keep set (method doc)",
                                       "uls-released": "released code: interval = int(L / (n - 1))"}},
-        "timing": SPEED,
+        "timing": SPEED, "budgets": BUDGETS,
         "environment": {"torch": torch.__version__, "threads": torch.get_num_threads(),
                         "machine": platform.machine(), "cpus": os.cpu_count()},
         "datasets": {},
