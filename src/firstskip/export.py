@@ -218,7 +218,8 @@ def vllm_settings(config: FirstSkipConfig) -> dict[str, Any]:
             "pooling": config.router_pooling,
             "template_tokens": list(config.template_tokens or [0, 0]) if config.router_pooling == "mean" else [0, 0],
             "protected_layers": config.protected, "decision": config.decision, "threshold": config.threshold,
-            "budget_k": config.budget_k if config.decision == "budget" else None, "prefill": config.prefill,
+            "budget_k": config.budget_k if config.decision == "budget" else None,
+            "snap_sets": config.snap_sets if config.decision == "snapped" else None, "prefill": config.prefill,
             "static_skip": None if config.static_skip is None else sorted(config.static_skip)}
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import gc
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,6 +33,9 @@ REFERENCE = dict(COMMON, enforce_eager=True, enable_prefix_caching=False)
 @pytest.fixture(scope="session")
 def fixtures(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Tiny models of every family: base, FiRST run, vllm export, pruned export, firstskip's answers."""
+    reuse = os.environ.get("FIRSTSKIP_VLLM_FIXTURES")  # a folder an earlier run wrote (development)
+    if reuse and (Path(reuse) / "smollm2" / "expected.json").is_file():
+        return Path(reuse)
     python = os.environ.get("FIRSTSKIP_PYTHON", str(REPO / ".venv" / "bin" / "python"))
     if not Path(python).exists():
         pytest.fail(f"firstskip's Python {python} is missing: create the checkout's .venv (README) or set FIRSTSKIP_PYTHON")

@@ -2,8 +2,8 @@
 
 ``firstskip export --format vllm`` writes the settings, resolved, under ``config.json``'s ``firstskip``
 key, so this module needs no firstskip defaults. The decision mirrors ``firstskip.routers.decide``
-(threshold, or the ``k`` lowest keep-probabilities among the skippable layers; a static run's fixed
-set for every request); the plugin's tests check it against firstskip's own choices.
+(threshold; the ``k`` lowest keep-probabilities among the skippable layers; the threshold's set
+snapped to the nearest of the run's stored sets; a static run's fixed set for every request); the plugin's tests check it against firstskip's own choices.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ class Settings:
     budget_k: int | None
     prefill: str
     static_skip: tuple[int, ...] | None
+    snap_sets: tuple[tuple[int, ...], ...] | None = None
     router_norm_eps: float = 1e-5
 
     @classmethod
@@ -60,6 +61,7 @@ class Settings:
             protected_layers=tuple(data["protected_layers"]), decision=data["decision"],
             threshold=float(data["threshold"]), budget_k=data.get("budget_k"), prefill=data.get("prefill", "full"),
             static_skip=None if data.get("static_skip") is None else tuple(data["static_skip"]),
+            snap_sets=None if not data.get("snap_sets") else tuple(tuple(s) for s in data["snap_sets"]),
             router_norm_eps=float(data.get("router_norm_eps", 1e-5)))
         settings.check(hf_config.num_hidden_layers)
         return settings
@@ -69,8 +71,10 @@ class Settings:
             raise SettingsError(f"the routers are for {self.num_layers} layers, the model has {model_layers}")
         if self.pooling not in POOLINGS:
             raise SettingsError(f"router pooling {self.pooling!r} is not one of {', '.join(POOLINGS)}")
-        if self.decision not in ("threshold", "budget") or (self.decision == "budget" and self.budget_k is None):
-            raise SettingsError(f"decision {self.decision!r} needs 'threshold' or 'budget' with budget_k")
+        if (self.decision not in ("threshold", "budget", "snapped") or (self.decision == "budget" and self.budget_k is None)
+                or (self.decision == "snapped" and not self.snap_sets)):
+            raise SettingsError(f"decision {self.decision!r}: expected 'threshold', 'budget' with budget_k or "
+                                "'snapped' with snap_sets")
 
     @property
     def skippable(self) -> list[int]:
@@ -138,12 +142,27 @@ def decide(keep: torch.Tensor, settings: Settings, overrides: Overrides) -> list
     skippable[settings.skippable] = True
     if overrides.budget is not None:
         k = min(len(settings.skippable), int(settings.num_layers * overrides.budget + 0.5))
-    elif overrides.threshold is not None or settings.decision == "threshold":
+    elif overrides.threshold is not None or settings.decision != "budget":
         threshold = settings.threshold if overrides.threshold is None else overrides.threshold
-        return ((keep < threshold) & skippable).nonzero().squeeze(-1).tolist()
+        skip = (keep < threshold) & skippable
+        if overrides.threshold is None and settings.decision == "snapped":
+            return nearest_set(skip, settings.snap_sets)
+        return skip.nonzero().squeeze(-1).tolist()
     else:
         k = settings.budget_k
     if k == 0:
         return []
     ranked = keep.masked_fill(~skippable, float("inf"))
     return sorted(ranked.topk(k, largest=False).indices.tolist())
+
+
+def nearest_set(skip: torch.Tensor, stored: tuple[tuple[int, ...], ...]) -> list[int]:
+    """The stored set nearest to ``skip`` [L] in Hamming distance; ties to the smaller, then the earlier
+    set (firstskip's ``nearest_set``)."""
+    def key(item: tuple[int, tuple[int, ...]]) -> tuple[int, int, int]:
+        index, layers = item
+        mask = torch.zeros_like(skip)
+        mask[list(layers)] = True
+        return int((mask ^ skip).sum()), len(layers), index
+
+    return sorted(min(enumerate(stored), key=key)[1])
