@@ -18,6 +18,7 @@ controller first (`make_skippable`), so weight names and vLLM's code stay as the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -156,7 +157,7 @@ class SkippableLayer(nn.Module):
     _firstskip_index: int
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None,
-                *args, **kwargs):  # noqa: ANN002, ANN003 - vLLM's own layer signature
+                *args: Any, **kwargs: Any) -> Any:  # vLLM's own layer signature
         control, index = self._firstskip, self._firstskip_index
         plan = control.plan
         if plan is None:
