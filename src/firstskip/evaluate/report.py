@@ -174,7 +174,7 @@ def _dataset_table(name: str, ds: dict[str, Any]) -> list[str]:
     if "oracle" in ds:
         o = ds["oracle"]
         lines.append(f"- oracle: FiRST's most common set on {o['prompts']} held-out training prompts of this task "
-                     f"({100 * o['share']:.0f}% of them), {o['layers']}, for every item; it needs the task label")
+                     f"({100 * o['share']:.0f}% of them) for every item; it needs the task label")
     lines += [f"- {m}: not run ({why})" for m, why in ds["not_run"].items()]
     if "first_matches_decisions" in ds:
         lines.append(f"- FiRST's skip sets during generation equal its budget-setting decisions on "
@@ -234,7 +234,7 @@ def interpolate(points: Sequence[Point], saving: float) -> float | None:
     for (x0, y0, *_), (x1, y1, *_) in zip(points, points[1:]):
         if x0 <= saving <= x1:
             return y0 if x1 == x0 else y0 + (y1 - y0) * (saving - x0) / (x1 - x0)
-    return points[0][1] if len(points) == 1 and points[0][0] == saving else None
+    return next((y for x, y, *_ in points if x == saving), None)  # a lone point
 
 
 def equal_saving_table(panels: Mapping[str, Mapping[str, Sequence[Point]]]) -> dict[str, Any]:
@@ -242,7 +242,7 @@ def equal_saving_table(panels: Mapping[str, Mapping[str, Sequence[Point]]]) -> d
     its own points do not line up; None outside its measured range): rivals at equal decode work."""
     table: dict[str, Any] = {}
     for panel, families in panels.items():
-        savings = sorted({round(p[0], 4) for points in families.values() for p in points})
+        savings = sorted({p[0] for points in families.values() for p in points})
         table[panel] = {"savings": savings,
                         "quality": {f: [interpolate(points, x) for x in savings] for f, points in families.items()}}
     return table
@@ -252,12 +252,13 @@ def plot_pareto(panels: Mapping[str, Mapping[str, Sequence[Point]]], path: Path)
     """Quality against measured token-weighted decode saving, one panel per dataset and the mixed
     workload; a method family's points joined in order of saving (95% intervals where known)."""
     fig, axes = _grid(max(len(panels), 1), (5.0, 4.0))
+    fig.set_layout_engine("constrained")
     for ax, (panel, families) in zip(axes, panels.items()):
         for family, points in families.items():
             first = family.startswith("first")
             xs, ys = [100 * p[0] for p in points], [p[1] for p in points]
             line, = ax.plot(xs, ys, marker="*" if first else "o", markersize=11 if first else 6,
-                            linewidth=2 if first else 1, label=family, color="tab:red" if family == "first" else None)
+                            linewidth=2 if first else 1, label=family)
             for (x, y, low, high) in points:
                 if low is not None:
                     ax.errorbar(100 * x, y, yerr=[[y - low], [high - y]], color=line.get_color(), capsize=3)
