@@ -245,4 +245,4 @@ class Batch:
         return self._plan
 
     def pool_device(self) -> torch.device:
-        return self.stack.head.weight.device
+        return self.stack.embed.weight.device

@@ -23,6 +23,7 @@ from firstskip.engine import Engine, Generation, Sampling, StopFn, Stream
 from firstskip.errors import FirstSkipError
 from firstskip.families import decoder_layers
 from firstskip.models import load_model, model_reference, torch_dtype
+from firstskip.quantize import WEIGHT_FORMATS, quantize_int8
 from firstskip.routers import RouterBank
 
 
@@ -40,8 +41,10 @@ class FirstSkipModel:
     def from_base(cls, name: str, dtype: str | torch.dtype = "float32", device: str = "cpu",
                   **config: Any) -> FirstSkipModel:
         """A new FiRST model on a base (hub id, folder, packaged name or ``random:<preset>``)."""
-        model, tokenizer = load_model(name, dtype=dtype, device=device)
-        return cls.wrap(model, tokenizer, base_model=model_reference(name), **config)
+        model, tokenizer = load_model(name, dtype=_load_dtype(dtype), device=device)
+        fsm = cls.wrap(model, tokenizer, base_model=model_reference(name), **config)
+        fsm.model = to_format(fsm.model, dtype)  # after the fingerprint, which reads float weights
+        return fsm
 
     @classmethod
     def wrap(cls, model: torch.nn.Module, tokenizer: Any = None, **config: Any) -> FirstSkipModel:
@@ -70,15 +73,17 @@ class FirstSkipModel:
         cast = None
         if model is None:
             # The base is loaded as the run was trained on it (float32), so its fingerprint can be
-            # checked and the adapter merged at full precision, then cast to the dtype asked for.
+            # checked and the adapter merged at full precision, then cast to the format asked for.
             model, tokenizer = load_model(_base_path(run_dir, config, adapter), dtype="float32", device=device)
-            cast = torch_dtype(dtype)
+            cast = dtype
+        if cast == "int8" and adapter and not merge_adapter:
+            raise FirstSkipError("int8 weights need the adapter merged first (leave merge_adapter on)")
         if adapter or not config.merged:  # a merged run's fingerprint is of the merged weights
             artifacts.check_fingerprint(config.fingerprint, model, run_dir)
         if adapter:
             model = _with_adapter(model, Path(run_dir), config, merge_adapter)
-        if cast is not None and cast != torch.float32:
-            model = model.to(cast)
+        if cast is not None:
+            model = to_format(model, cast)
         routers = RouterBank(config)
         routers.load_state_dict(artifacts.load_routers(run_dir))
         return cls(model, tokenizer, config, routers)
@@ -159,6 +164,19 @@ class FirstSkipModel:
             return any(s in tail for s in stop)
 
         return hit
+
+
+def _load_dtype(dtype: str | torch.dtype) -> str | torch.dtype:
+    """The dtype a model is loaded in before `to_format`: int8 starts from float32."""
+    return "float32" if dtype in WEIGHT_FORMATS else dtype
+
+
+def to_format(model: torch.nn.Module, dtype: str | torch.dtype) -> torch.nn.Module:
+    """Cast a float32 model to ``dtype``, or quantize its linear layers for ``int8``."""
+    if dtype in WEIGHT_FORMATS:
+        return quantize_int8(model)
+    cast = torch_dtype(dtype)
+    return model if cast == torch.float32 else model.to(cast)
 
 
 def _base_path(run_dir: str | os.PathLike, config: FirstSkipConfig, adapter: bool = True) -> str:

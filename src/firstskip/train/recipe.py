@@ -23,6 +23,7 @@ from firstskip.data import Example, collate, encode_example, load_examples, mix_
 from firstskip.errors import FirstSkipError
 from firstskip.modeling import FirstSkipModel
 from firstskip.models import model_reference
+from firstskip.quantize import WEIGHT_FORMATS
 from firstskip.train.calibrate import calibrate
 from firstskip.train.loop import CHECKPOINT_DIR, LOG_NAME, Encoded, on_main, process_state
 from firstskip.train.phases import LoraTraining, RouterTraining, train_lora, train_routers
@@ -94,6 +95,8 @@ def train(model: str, data: Sequence[str], out: str | os.PathLike, *, skip_targe
     out = Path(out)
     if max_steps is not None and epochs is not None:
         raise FirstSkipError("give --max-steps or --epochs, not both")
+    if dtype in WEIGHT_FORMATS:
+        raise FirstSkipError(f"training needs float weights; {dtype} is for generate, eval, bench and serve")
     length = {"steps": None, "epochs": epochs} if epochs is not None else _given(steps=max_steps)
     routers_settings = RouterTraining(**length, **_given(lr=lr, lam=lam, prefixes=prefixes, distill=distill,
                                                            on_policy=on_policy, leave_one_out=leave_one_out,
