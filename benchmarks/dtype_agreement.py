@@ -1,14 +1,17 @@
-"""How far a run decodes in bfloat16 from what it decodes in float32: skip sets and greedy tokens.
+"""How far a run decodes in another weight format from what it decodes in float32: skip sets,
+greedy tokens and per-token KL.
 
-Reproduce (benchmarks/README.md, "bfloat16"):
-    python benchmarks/dtype_agreement.py --run runs/sec4s0 --data ../shared/data/samsum \
-        --data ../shared/data/boolq --limit 30 --out benchmarks/results/bf16_agreement.json
+Reproduce (benchmarks/README.md, "bfloat16" and "int8"):
+    python benchmarks/dtype_agreement.py --run runs/sec4s0 --dtype int8 --data ../shared/data/samsum \
+        --data ../shared/data/boolq --limit 100 --out benchmarks/results/int8_agreement.json
 
 Per dataset, the first --limit test prompts are generated greedily (64 new tokens, EOS stops) by the
-run loaded in float32 and again in bfloat16: the share of prompts whose skip set is the same, whose
-output is the same token for token, the mean share of each output's tokens before the first
-difference, and the mean KL(fp32 || bf16) of the first token's distribution (the prefill's, where
-both see the same prompt). A screening check, not the task scores with intervals (issue 20).
+run loaded in float32 and again in --dtype, each with the skip set its own routers choose: the share
+of prompts whose skip set is the same, whose output is the same token for token, the mean share of
+each output's tokens before the first difference, the mean KL(fp32 || other) of the first token's
+distribution (the prefill's, where both see the same prompt), and the mean per-token KL along the
+float32 output (the other format is fed float32's tokens, so both predict from the same context).
+A screening check beside the task scores with intervals (`dtype_scores.py`).
 """
 
 from __future__ import annotations
@@ -29,38 +32,70 @@ def common_prefix(a: list[int], b: list[int]) -> float:
     return n / max(len(a), len(b), 1)
 
 
+def forced_logprobs(fsm: FirstSkipModel, ids: list[int], tokens: list[int]) -> tuple[list[int], torch.Tensor]:
+    """The run's skip set for ``ids`` and its log-probabilities at each of ``tokens``' positions,
+    fed ``tokens`` whatever it would have sampled (teacher forcing)."""
+    engine = fsm.engine
+    pre = engine.prefill([ids])
+    rows = [pre.logits[0].float().log_softmax(-1)]
+    if len(tokens) > 1:
+        batch = engine.new_batch(1, len(ids) + len(tokens))
+        (request,) = engine.join(batch, pre, Sampling(max_new_tokens=len(tokens)))
+        forced = iter(tokens[1:])
+        request.token, request.greedy = tokens[0], False
+
+        def record(logits: torch.Tensor) -> int:
+            rows.append(logits.float().log_softmax(-1))
+            return next(forced, tokens[-1])
+
+        request.sample = record
+        while batch.requests:
+            batch.step()
+    skipped = pre.skip[0].nonzero().squeeze(-1).tolist()
+    return skipped, torch.stack(rows[:len(tokens)])
+
+
+def compare(models: dict[str, FirstSkipModel], ids: list[int], sampling: Sampling) -> dict[str, float | bool]:
+    (ref_name, ref), (_, other) = models.items()
+    outputs = {}
+    for name, fsm in models.items():
+        pre = fsm.engine.prefill([ids])
+        outputs[name] = fsm.engine.decode(pre, sampling, fsm.eos_token_ids)[0]
+    a, b = outputs.values()
+    s32, l32 = forced_logprobs(ref, ids, a.token_ids)
+    _, l16 = forced_logprobs(other, ids, a.token_ids)
+    kl = (l32.exp() * (l32 - l16)).sum(-1)
+    return {"same_set": a.skipped_layers == b.skipped_layers, "same_output": a.token_ids == b.token_ids,
+            "prefix": common_prefix(a.token_ids, b.token_ids), "kl_first": float(kl[0]),
+            "kl_token": float(kl.mean())}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", required=True)
     parser.add_argument("--data", action="append", required=True)
+    parser.add_argument("--dtype", default="bfloat16", help="the format compared with float32")
     parser.add_argument("--limit", type=int, default=30)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--out")
     args = parser.parse_args()
-    models = {dtype: FirstSkipModel.from_pretrained(args.run, dtype=dtype) for dtype in ("float32", "bfloat16")}
+    models = {dtype: FirstSkipModel.from_pretrained(args.run, dtype=dtype) for dtype in ("float32", args.dtype)}
     sampling = Sampling(max_new_tokens=args.new_tokens)
-    report: dict = {"run": args.run, "limit": args.limit, "new_tokens": args.new_tokens, "datasets": {}}
+    report: dict = {"run": args.run, "dtype": args.dtype, "limit": args.limit, "new_tokens": args.new_tokens,
+                    "datasets": {}}
     for spec in args.data:
         examples = load_examples(spec, "test", limit=args.limit)
-        rows = []
-        for ex in examples:
-            ids = encode_prompt(models["float32"].tokenizer, ex.prompt)
-            out = {}
-            for dtype, fsm in models.items():
-                pre = fsm.engine.prefill([ids])
-                gen = fsm.engine.decode(pre, sampling, fsm.eos_token_ids)[0]
-                out[dtype] = (gen.skipped_layers, gen.token_ids, pre.logits[0].float().log_softmax(-1))
-            (s32, t32, l32), (s16, t16, l16) = out["float32"], out["bfloat16"]
-            rows.append({"same_set": s32 == s16, "same_output": t32 == t16, "prefix": common_prefix(t32, t16),
-                         "kl_first": float((l32.exp() * (l32 - l16)).sum())})
+        tokenizer = models["float32"].tokenizer
+        rows = [compare(models, encode_prompt(tokenizer, ex.prompt), sampling) for ex in examples]
         report["datasets"][examples[0].dataset] = {
             "prompts": len(rows),
             "same_skip_set": statistics.mean(r["same_set"] for r in rows),
             "same_output": statistics.mean(r["same_output"] for r in rows),
             "mean_prefix_share": round(statistics.mean(r["prefix"] for r in rows), 4),
             "mean_first_token_kl": round(statistics.mean(r["kl_first"] for r in rows), 6),
+            "mean_token_kl": round(statistics.mean(r["kl_token"] for r in rows), 6),
         }
-        print(examples[0].dataset, report["datasets"][examples[0].dataset])
+        print(examples[0].dataset, report["datasets"][examples[0].dataset], flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=2)

@@ -38,6 +38,9 @@ def test_every_command_help_shows_an_example():
     (["generate", "--model", "smollm2-135m", "--prompt", "word " * 9000], "context"),
     (["generate", "--prompt", "hi"], "exactly one of --model or --run"),
     (["bench", "--model", "random:tiny-llama"], "--skip"),
+    (["bench", "--model", "random:tiny-llama", "--skip", "2", "--llamacpp"], "--llamacpp"),
+    (["train", "--model", "random:tiny-llama", "--data", "builtin:boolq", "--out", "never-written", "--dtype", "int8"],
+     "float weights"),
     (["serve", "--model", "random:tiny-llama", "--max-queue", "0"], "--max-queue"),
 ])
 def test_user_mistakes_get_one_line_and_exit_code_2(args, message):

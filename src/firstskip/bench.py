@@ -23,7 +23,11 @@ from typing import Any
 
 import torch
 
+from firstskip import llamacpp
 from firstskip.engine import Engine, Sampling
+from firstskip.errors import FirstSkipError
+from firstskip.llamacpp import LlamaCpp
+from firstskip.quantize import weight_format
 from firstskip.modeling import FirstSkipModel
 from firstskip.skipping import pruned_copy
 
@@ -31,7 +35,7 @@ from firstskip.skipping import pruned_copy
 @dataclass
 class Variant:
     name: str
-    engine: Engine
+    engine: Engine | LlamaCpp
     skip: list[list[int]] | None  # forced skip sets per row; None lets the routers decide
     routers: bool = False  # whether prefill runs the routers (only FiRST's own decisions need them)
 
@@ -43,6 +47,8 @@ def _sync(device: torch.device) -> None:
 
 def time_once(variant: Variant, prompts: list[list[int]], new_tokens: int) -> dict[str, Any]:
     """One timed generation: time to first token (prefill), decode rate and end-to-end time."""
+    if isinstance(variant.engine, LlamaCpp):
+        return variant.engine.time_once(prompts[0], new_tokens)
     engine, device = variant.engine, variant.engine.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -90,14 +96,16 @@ def speed_bound(num_layers: int, skip_sets: Sequence[Sequence[int]]) -> float:
 
 def run_bench(fsm: FirstSkipModel, skip: Sequence[int] | None, batch_size: int = 1, prompt_len: int = 256,
               new_tokens: int = 64, repeats: int = 5, warmup: int = 1, seed: int = 0,
-              prompts: list[list[int]] | None = None, memory: str | None = None) -> dict[str, Any]:
+              prompts: list[list[int]] | None = None, memory: str | None = None,
+              llamacpp: str | None = None) -> dict[str, Any]:
     """Measure full / FiRST / pruned on random prompts (speed does not depend on token values) or
     on ``prompts`` (real ones, whose skip sets the routers choose).
 
     With ``skip`` FiRST uses that forced set; without it the routers choose per row, and the pruned
     copy (only when every row chose the same set) deletes those layers. ``memory``: the model
     reference (``--model`` or ``--run``) to measure each variant's peak resident size in a
-    process of its own.
+    process of its own. ``llamacpp``: the dtype whose bit width llama.cpp runs at, beside the
+    others (batch 1; see `firstskip.llamacpp`).
     """
     if prompts is None:
         generator = torch.Generator().manual_seed(seed)
@@ -111,6 +119,8 @@ def run_bench(fsm: FirstSkipModel, skip: Sequence[int] | None, batch_size: int =
     variants = [Variant("full", fsm.engine, [[]] * batch_size), Variant("first", fsm.engine, first_skip, skip is None)]
     if shared is not None:
         variants.append(Variant("pruned", _pruned_engine(fsm, shared), None))
+    if llamacpp is not None:
+        variants.append(_llamacpp_variant(fsm, llamacpp, prompts, new_tokens))
     for _ in range(warmup):
         for v in variants:
             time_once(v, prompts, min(new_tokens, 8))
@@ -124,6 +134,8 @@ def run_bench(fsm: FirstSkipModel, skip: Sequence[int] | None, batch_size: int =
     if shared is not None:
         ratios["pruned_over_full"] = paired_ratio(runs, "pruned", "full")
         ratios["first_over_pruned"] = paired_ratio(runs, "first", "pruned")
+    if llamacpp is not None:
+        ratios.update({f"{name}_over_llamacpp": paired_ratio(runs, name, "llamacpp") for name in runs if name != "llamacpp"})
     result.update(ratios)
     result["bound"] = bound
     result["faults"] = [f"{name} {value:.3f} is above the bound {bound:.3f}: a measurement fault (busy cores?)"
@@ -131,16 +143,28 @@ def run_bench(fsm: FirstSkipModel, skip: Sequence[int] | None, batch_size: int =
     result["ttft_first_over_full"] = paired_ratio(runs, "first", "full", "ttft_s")
     if memory is not None:
         for v in variants:
-            result[v.name]["peak_rss_mb"] = peak_rss(memory, v.name, shared or [], prompts, new_tokens)
+            if v.name != "llamacpp":
+                result[v.name]["peak_rss_mb"] = peak_rss(memory, weight_format(fsm.model), v.name, shared or [],
+                                                         prompts, new_tokens)
     result["setup"] = {
+        "llamacpp_gguf": variants[-1].engine.gguf.name if llamacpp is not None else None,
         "base_model": fsm.config.base_model, "skip": list(skip) if skip is not None else shared,
         "skip_sets": sets, "batch_size": batch_size, "prompt_lens": sorted({len(p) for p in prompts}),
         "new_tokens": new_tokens, "repeats": repeats, "device": str(fsm.engine.device),
-        "dtype": str(next(fsm.model.parameters()).dtype), "threads": torch.get_num_threads(),
+        "dtype": weight_format(fsm.model), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "machine": platform.machine(),
         "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }
     return result
+
+
+def _llamacpp_variant(fsm: FirstSkipModel, dtype: str, prompts: list[list[int]], new_tokens: int) -> Variant:
+    if not llamacpp.available():
+        raise FirstSkipError("--llamacpp needs llama-cpp-python: run benchmarks/setup_llamacpp.sh")
+    if len(prompts) != 1:
+        raise FirstSkipError("--llamacpp times batch 1 only; drop --batch-size")
+    gguf = llamacpp.gguf_for(fsm.config.base_model, dtype)
+    return Variant("llamacpp", LlamaCpp(gguf, torch.get_num_threads(), len(prompts[0]) + new_tokens + 8), None)
 
 
 def _pruned_engine(fsm: FirstSkipModel, skip: Sequence[int]) -> Engine:
@@ -151,22 +175,24 @@ def _pruned_engine(fsm: FirstSkipModel, skip: Sequence[int]) -> Engine:
                                          decision="threshold"))
 
 
-def peak_rss(reference: str, variant: str, skip: Sequence[int], prompts: list[list[int]], new_tokens: int) -> float:
+def peak_rss(reference: str, dtype: str, variant: str, skip: Sequence[int], prompts: list[list[int]],
+             new_tokens: int) -> float:
     """Peak resident MB of one variant generating once, in a fresh process that loads the model,
     makes the variant, frees what it does not use and only then starts counting."""
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        job = pool.submit(_rss_child, reference, variant, list(skip), prompts, new_tokens, torch.get_num_threads())
+        job = pool.submit(_rss_child, reference, dtype, variant, list(skip), prompts, new_tokens, torch.get_num_threads())
         return job.result()
 
 
-def _rss_child(reference: str, variant: str, skip: list[int], prompts: list[list[int]], new_tokens: int,
-               threads: int) -> float:
+def _rss_child(reference: str, dtype: str, variant: str, skip: list[int], prompts: list[list[int]],
+               new_tokens: int, threads: int) -> float:
     import gc
     from pathlib import Path
 
     torch.set_num_threads(threads)
     is_run = (Path(reference) / "routers.safetensors").is_file()
-    fsm = FirstSkipModel.from_pretrained(reference) if is_run else FirstSkipModel.from_base(reference)
+    load = FirstSkipModel.from_pretrained if is_run else FirstSkipModel.from_base
+    fsm = load(reference, dtype=dtype)
     if variant == "pruned":
         v = Variant(variant, _pruned_engine(fsm, skip), None)
         del fsm  # the skipped layers' weights go with it; the copy shares only the kept ones

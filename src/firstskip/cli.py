@@ -24,7 +24,7 @@ ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", "-m", help="Base model: packaged name (smollm2-135m), Hugging Face id, folder, or random:<preset>.")]
 RunOpt = Annotated[Optional[Path], typer.Option("--run", "-r", help="A trained run folder (routers, adapter).")]
 SkipOpt = Annotated[Optional[str], typer.Option("--skip", help="Force this skip set, e.g. 3,4,5 (overrides routers).")]
-DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
+DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16, float16, or int8 (int8 weights: fastest CPU decoding).")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:1 ...")]
 
 
@@ -120,7 +120,8 @@ def _print_stream(fsm, prompt, sampling, raw, layers, stops) -> None:
 
 @app.command(epilog="Examples:\n\n  firstskip bench -m smollm2-135m --skip 10-17 --batch-size 1 "
                     "--prompt-len 256 --new-tokens 64 --json\n\n"
-                    "  firstskip bench -r runs/mine --data ../shared/data/samsum --batch-size 8 --memory")
+                    "  firstskip bench -r runs/mine --data ../shared/data/samsum --batch-size 8 --memory\n\n"
+                    "  firstskip bench -m smollm2-135m --skip 10-17 --dtype int8 --llamacpp")
 def bench(
     model: ModelOpt = None,
     run: RunOpt = None,
@@ -133,6 +134,8 @@ def bench(
     repeats: Annotated[int, typer.Option(help="Timed runs per variant (medians are reported).")] = 5,
     memory: Annotated[bool, typer.Option("--memory", help="Also each variant's peak resident memory, "
                                          "in a process of its own.")] = False,
+    llamacpp: Annotated[bool, typer.Option("--llamacpp", help="Also llama.cpp on the model's GGUF at the same "
+                                           "bit width (batch 1; benchmarks/setup_llamacpp.sh installs it).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
@@ -154,7 +157,8 @@ def bench(
 
         prompts = [encode_prompt(fsm.tokenizer, ex.prompt) for ex in load_examples(data, "test", limit=batch_size)]
     result = run_bench(fsm, layers, batch_size, prompt_len, new_tokens, repeats, prompts=prompts,
-                       memory=str(run if run is not None else model) if memory else None)
+                       memory=str(run if run is not None else model) if memory else None,
+                       llamacpp=dtype if llamacpp else None)
     if as_json:
         typer.echo(json.dumps(result))
         return
@@ -167,20 +171,24 @@ def _print_bench(result: dict) -> None:
 
     setup = result["setup"]
     skips = setup["skip"] if setup["skip"] is not None else "per row (routers)"
-    table = Table(title=f"decode speed, batch {setup['batch_size']}, skip {skips}")
+    table = Table(title=f"decode speed, {setup['dtype']}, batch {setup['batch_size']}, skip {skips}")
     columns = ["variant", "decode tok/s", "TTFT s", "end-to-end s", "KV cache MB"]
     memory = "peak_rss_mb" in result["full"]
     for col in columns + (["peak RSS MB"] if memory else []):
         table.add_column(col)
-    for name in ("full", "first", "pruned"):
+    for name in ("full", "first", "pruned", "llamacpp"):
         if name in result:
             r = result[name]
-            row = [name, f"{r['decode_tok_s']:.1f}", f"{r['ttft_s']:.3f}", f"{r['e2e_s']:.2f}", f"{r['kv_cache_mb']:.1f}"]
-            table.add_row(*row, *([f"{r['peak_rss_mb']:.0f}"] if memory else []))
+            label = f"llama.cpp {setup['llamacpp_gguf'].split('.')[-2]}" if name == "llamacpp" else name
+            kv = "" if r["kv_cache_mb"] is None else f"{r['kv_cache_mb']:.1f}"
+            row = [label, f"{r['decode_tok_s']:.1f}", f"{r['ttft_s']:.3f}", f"{r['e2e_s']:.2f}", kv]
+            rss = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else ""
+            table.add_row(*row, *([rss] if memory else []))
     console = Console()
     console.print(table)
     ratios = "   ".join(f"{k.replace('_over_', '/')} {result[k]:.3f}x" for k in
-                         ("first_over_full", "pruned_over_full", "first_over_pruned") if k in result)
+                         ("first_over_full", "pruned_over_full", "first_over_pruned", "full_over_llamacpp",
+                          "first_over_llamacpp") if k in result)
     console.print(f"{ratios}   (bound {result['bound']:.3f}x; medians of per-repeat ratios)")
     for fault in result["faults"]:
         console.print(f"[red]measurement fault:[/red] {fault}")
