@@ -75,44 +75,50 @@ class Controller:
         layout = step_layout()
         if layout is None or not SLOTS:
             return
-        starts, lengths = layout
-        rows = [(r, SLOTS.get(r), starts[r], lengths[r]) for r in range(len(lengths))]
-        if all(state is None for _, state, _, _ in rows):
-            return
-        self.plan = self._plan(rows, num_tokens, device)
+        rows = [(SLOTS.get(r), start, n) for r, (start, n) in enumerate(zip(*layout))]
+        if any(state is not None for state, _, _ in rows):
+            self.plan = self._plan(rows, num_tokens, device)
 
-    def _plan(self, rows: list[tuple[int, RequestState | None, int, int]], num_tokens: int,
-              device: torch.device) -> Plan:
+    def _plan(self, rows: list[tuple[RequestState | None, int, int]], num_tokens: int, device: torch.device) -> Plan:
+        """Per token and layer, whether the token skips it; which prompt tokens the routers score."""
         num_layers = self.settings.num_layers
         skip = torch.zeros(num_tokens, num_layers, dtype=torch.bool)
         skip[sum(n for *_, n in rows):] = True  # padding tokens need no layer
-        score_idx: list[torch.Tensor] = []
-        score_row: list[torch.Tensor] = []
+        spans: list[tuple[int, int]] = []
         scored: list[tuple[RequestState, int, int, bool]] = []
         offset = 0
-        for _, state, start, n in rows:
+        for state, start, n in rows:
             if state is not None:
                 self._ensure_forced(state)
                 prompt_here = max(0, min(n, state.prompt_len - start))  # this row's prompt tokens
                 if state.skip_mask is not None:
                     first = offset if self._routed_prefill(state) else offset + prompt_here
                     skip[first:offset + n] = state.skip_mask
-                else:
-                    lo, hi = self.settings.pool_window(state.prompt_len)
-                    lo, hi = max(lo, start, state.scored_upto), min(hi, start + prompt_here)
-                    done = start + prompt_here >= state.prompt_len
-                    if hi > lo:
-                        score_idx.append(torch.arange(offset + lo - start, offset + hi - start))
-                        score_row.append(torch.full((hi - lo,), len(scored)))
-                    if hi > lo or done:
-                        scored.append((state, max(0, hi - lo), max(state.scored_upto, start + prompt_here), done))
+                elif (score := self._score_span(state, start, prompt_here)) is not None:
+                    lo, hi, done = score
+                    spans.append((offset + lo - start, offset + hi - start))
+                    scored.append((state, hi - lo, max(state.scored_upto, start + prompt_here), done))
             offset += n
-        runs = (~skip.all(0)).tolist()
-        partial = skip.any(0).tolist()
+        runs, partial = (~skip.all(0)).tolist(), skip.any(0).tolist()
         keep_input = [skip[:, l:l + 1].to(device) if runs[l] and partial[l] else None for l in range(num_layers)]
-        idx = torch.cat(score_idx).to(device) if score_idx else None
-        return Plan(runs, keep_input, idx, torch.cat(score_row).to(device) if score_row else None, scored,
-                    torch.zeros(len(scored), num_layers, device=device) if scored else None)
+        if not scored:
+            return Plan(runs, keep_input, None, None, [], None)
+        sums = torch.zeros(len(scored), num_layers, device=device)
+        if all(a == b for a, b in spans):  # prompts completed with nothing left to score
+            return Plan(runs, keep_input, None, None, scored, sums)
+        idx = torch.cat([torch.arange(a, b) for a, b in spans]).to(device)
+        row = torch.cat([torch.full((b - a,), j) for j, (a, b) in enumerate(spans)]).to(device)
+        return Plan(runs, keep_input, idx, row, scored, sums)
+
+    def _score_span(self, state: RequestState, start: int, prompt_here: int) -> tuple[int, int, bool] | None:
+        """Prompt positions [lo, hi) of this step that the routers score for an undecided request, and
+        whether its prompt is complete after the step (None: nothing to score or settle)."""
+        lo, hi = self.settings.pool_window(state.prompt_len)
+        lo, hi = max(lo, start, state.scored_upto), min(hi, start + prompt_here)
+        done = start + prompt_here >= state.prompt_len
+        if hi <= lo and not done:
+            return None
+        return lo, max(lo, hi), done
 
     def _ensure_forced(self, state: RequestState) -> None:
         """A set known before any scoring (forced by the request, or the run's static set)."""
