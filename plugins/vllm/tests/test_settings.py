@@ -39,3 +39,15 @@ def test_bad_overrides_are_one_line_errors(args, message):
 def test_a_config_without_settings_names_the_export_command():
     with pytest.raises(SettingsError, match="firstskip export --run RUN --format vllm"):
         Settings.from_hf_config(SimpleNamespace(num_hidden_layers=4))
+
+
+def test_request_overrides_change_the_decision():
+    settings = Settings(num_layers=6, hidden_size=8, router_dim=4, pooling="mean", template_tokens=(0, 0),
+                        protected_layers=(0, 5), decision="threshold", threshold=0.5, budget_k=None,
+                        prefill="full", static_skip=None)
+    keep = torch.tensor([0.1, 0.3, 0.6, 0.2, 0.9, 0.1])
+    assert decide(keep, settings, Overrides()) == [1, 3]
+    assert decide(keep, settings, Overrides(threshold=0.0)) == []
+    assert decide(keep, settings, Overrides(threshold=0.7)) == [1, 2, 3]
+    assert decide(keep, settings, Overrides(budget=0.34)) == [1, 3]  # round(0.34 * 6) = 2 lowest skippable
+    assert decide(keep, settings, Overrides(budget=1.0)) == [1, 2, 3, 4]  # capped by the skippable layers
