@@ -200,6 +200,7 @@ def test_eval_snapped_and_oracle_methods(run, split_data, tmp_path, monkeypatch)
     assert oracle["split"] == "train" and oracle["prompts"] == 6
     assert all(r["skipped"] == oracle["layers"] for r in records(tmp_path / "a", "reviews", "oracle").values())
     assert ds["methods"]["oracle"]["skip"]["layers"] == oracle["layers"]
+    assert "mixed workload" not in (tmp_path / "a" / "results.md").read_text()  # one dataset: nothing to mix
 
     calibrate(run, held_out_examples([str(split_data)], 12), snap=2)
     stored = artifacts.load_config(run).snap_sets

@@ -169,6 +169,8 @@ def test_results_json_markdown_and_plots(evaluated):
         assert result["speed"]["prompts"] == 3 and result["speed"]["ttft_s"] > 0
         assert result["speed"]["decode_tok_s"] > 0 and result["batched"]["decode_tok_s"] > 0
         assert sum(result["finish"].values()) == toy["items"] == 8
+        assert result["speed"]["latency_s"] > result["speed"]["ttft_s"] or result["skip"]["decode_steps"] == 0
+        assert result["batched"]["work_bound"] == pytest.approx(1 / (1 - result["skip"]["decode_saving"]))
     assert toy["methods"]["full"]["speed"]["decode_speedup"] == 1.0
     assert toy["methods"]["full"]["batched"]["decode_speedup"] == 1.0
     vs = {name: result["vs"] for name, result in toy["methods"].items()}
@@ -182,6 +184,19 @@ def test_results_json_markdown_and_plots(evaluated):
     table = (out / "results.md").read_text()
     assert "| method | toy (accuracy) | toysum (rougeL) |" in table and "| shortgpt | " in table
     assert "| method / reference | toy | toysum |" in table and "| first / lora-only | " in table
+    assert "| method | toy (accuracy) | toysum (rougeL) | mixed workload |" in table and "saves " in table
+    mix = results["mixed"]
+    assert mix["reference"] == "lora-only" and mix["items"] == 8 + 4 and set(mix["methods"]) == set(toy["methods"])
+    steps = sum(ds["methods"]["first"]["skip"]["decode_steps"] for ds in results["datasets"].values())
+    saved = sum(ds["methods"]["first"]["skip"]["saved_layer_steps"] for ds in results["datasets"].values())
+    assert mix["methods"]["first"]["decode_saving"] == pytest.approx(saved / (results["num_layers"] * steps))
+    assert mix["methods"]["full"]["decode_saving"] == 0.0
+    scores = {n: {m: r["metrics"][ds["primary_metric"]]["score"] for m, r in ds["methods"].items()}
+              for n, ds in results["datasets"].items()}
+    kept = None if scores["toy"]["lora-only"] == 0 or scores["toysum"]["lora-only"] == 0 else \
+        (8 * scores["toy"]["first"] / scores["toy"]["lora-only"] + 4 * scores["toysum"]["first"] /
+         scores["toysum"]["lora-only"]) / 12  # quality kept over the reference, items-weighted
+    assert mix["methods"]["first"]["quality"] == (None if kept is None else pytest.approx(kept))
     for png in ("pareto.png", "layer_usage.png", "skip_counts.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -74,19 +74,20 @@ def summary(results: dict[str, Any]) -> list[str]:
     """Methods x datasets (and the mixed workload): primary metric [95% interval] / token-weighted decode
     saving / latency per request, as markdown lines."""
     datasets = results["datasets"]
-    mix = mixed(results)
+    mix = mixed(results) if len(datasets) > 1 else None
     methods = list(dict.fromkeys(m for ds in datasets.values() for m in ds["methods"]))
-    lines = ["| method | " + " | ".join(f"{n} ({ds['primary_metric']})" for n, ds in datasets.items()) +
-             " | mixed workload |", "|---" * (len(datasets) + 2) + "|"]
+    header = [f"{n} ({ds['primary_metric']})" for n, ds in datasets.items()] + ["mixed workload"] * bool(mix)
+    lines = ["| method | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
     for m in methods:
         cells = []
         for ds in datasets.values():
             r = ds["methods"].get(m)
             cells.append("–" if r is None else f"{_cell(r['metrics'][ds['primary_metric']])} / "
                                                f"{_budget(r['skip']['decode_saving'], r['speed']['latency_s'])}")
-        w = mix["methods"].get(m)
-        cells.append("–" if w is None else f"{_num(w['quality'], '.2f')} of {mix['reference']} / "
-                                           f"{_budget(w['decode_saving'], w['latency_s'])}")
+        if mix is not None:
+            w = mix["methods"].get(m)
+            cells.append("–" if w is None else f"{_num(w['quality'], '.2f')} of {mix['reference']} / "
+                                               f"{_budget(w['decode_saving'], w['latency_s'])}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return lines
 
