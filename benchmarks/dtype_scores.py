@@ -33,7 +33,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for name, data in results[0]["datasets"].items():
         metric = data["primary_metric"]
-        for method in data["methods"]:
+        for method in [m for m in data["methods"] if m in results[1]["datasets"][name]["methods"]]:  # both ran
             preds = [_predictions(folder, name, method) for folder in (args.reference, args.candidate)]
             ids = sorted(set(preds[0]) & set(preds[1]))
             refs, task, choices = _references(args.data, name, ids)
