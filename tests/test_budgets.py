@@ -175,6 +175,13 @@ def test_snapped_decisions_are_among_the_stored_sets(run, split_data):
     fsm.update_config(decision="snapped")  # as generate --snapped
     gens = fsm.generate([f"Summarize: {s}" for s in SENTENCES[:3]], Sampling(max_new_tokens=2))
     assert all(g.skipped_layers in stored for g in gens)
+    for sentence in SENTENCES[:2]:
+        out = CliRunner().invoke(app, ["generate", "-r", str(run), "--snapped", "--json", "--max-new-tokens", "2",
+                                       "--prompt", f"Summarize: {sentence}"])
+        assert out.exit_code == 0, out.output
+        assert json.loads(out.stdout)["skipped_layers"] in stored
+    out = CliRunner().invoke(app, ["generate", "-r", str(run), "--snapped", "--budget", "0.3", "--prompt", "hi"])
+    assert isinstance(out.exception, FirstSkipError) and "not --budget" in str(out.exception)
     with pytest.raises(FirstSkipError, match="calibrate --snap"):
         FirstSkipModel.from_base(TINY).update_config(decision="snapped")
 
@@ -205,6 +212,8 @@ def test_eval_snapped_and_oracle_methods(run, split_data, tmp_path, monkeypatch)
     calibrate(run, held_out_examples([str(split_data)], 12), snap=2)
     stored = artifacts.load_config(run).snap_sets
     results = evaluate_run(run, [str(split_data)], "first,first-snapped", out_dir=tmp_path / "b", **args)
+    assert results["calibration"]["snap"]["sets"] == stored
+    assert "calibrated for its threshold on 12 held-out training prompts" in (tmp_path / "b" / "results.md").read_text()
     snapped = records(tmp_path / "b", "reviews", "first-snapped")
     assert len(snapped) == 4 and all(r["skipped"] in stored for r in snapped.values())
     first = records(tmp_path / "b", "reviews", "first")

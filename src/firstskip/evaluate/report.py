@@ -55,7 +55,7 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [f"# Evaluation of `{results['run']}`", "",
              f"Base model `{results['base_model']}`, {results['num_layers']} layers (protected: "
              f"{', '.join(map(str, results['protected']))}); FiRST decides by {rule}, prefill {d['prefill']}. "
-             f"Greedy decoding. Intervals are 95% bootstrap intervals.", "",
+             f"Greedy decoding. Intervals are 95% bootstrap intervals.", "", *_calibrated(results),
              f"Speed ({results['settings']['speed_items']} prompts per dataset): {results['timing']}. "
              f"Threads: {results['environment']['threads']}.", ""]
     lines += [f"Budgets: {results['budgets']}.", "",
@@ -68,6 +68,20 @@ def markdown(results: dict[str, Any]) -> str:
     for name, ds in results["datasets"].items():
         lines += ["", *_dataset_table(name, ds)]
     return "\n".join(lines) + "\n"
+
+
+def _calibrated(results: dict[str, Any]) -> list[str]:
+    """What the run's threshold was calibrated for on held-out training prompts, to read beside the
+    saving the test sets show."""
+    c = results.get("calibration")
+    if not c or c["threshold"] != results["decision"]["threshold"]:
+        return []
+    target = next((f"{name} {c[key]}" for key, name in (("saving_target", "decode saving"),
+                                                        ("skip_target", "skip ratio"), ("max_drop", "max drop"))
+                   if c.get(key) is not None), "its threshold")
+    saving = "" if c.get("saving") is None else f", decode saving {c['saving']:.3f}"
+    return [f"The threshold was calibrated for {target} on {c['examples']} held-out training prompts "
+            f"(there: skip ratio {c['skip_ratio']:.3f}{saving}).", ""]
 
 
 def summary(results: dict[str, Any]) -> list[str]:

@@ -610,6 +610,7 @@ def evaluate_run(run: str | os.PathLike, data_specs: Sequence[str], methods: str
         "schema": 1, "run": str(run), "base_model": models.tuned.config.base_model,
         "num_layers": models.tuned.config.num_layers, "protected": models.tuned.config.protected,
         "decision": decision_of(models.tuned.config), "has_adapter": models.has_adapter,
+        "calibration": models.tuned.config.training.get("calibration"),
         "settings": {"methods": [m.name for m in chosen], "limit": limit, "batch_size": batch_size,
                      "calibration_items": calibration_items, "speed_items": speed_items, "dtype": dtype,
                      "device": device,

@@ -143,7 +143,7 @@ def threshold_for_ratio(probs: torch.Tensor, config: FirstSkipConfig, ratio: flo
     lowest, so the cut whose skipped weight is closest to ``ratio * L * sum(weights)`` hits the
     target as closely as the prompts allow (ties aside).
     """
-    skippable = probs[:, config.skippable]
+    skippable = probs[:, config.skippable].detach().float().cpu()  # training passes them from any device
     w = torch.ones(probs.shape[0], dtype=torch.float64) if weights is None else \
         torch.as_tensor(list(weights), dtype=torch.float64)
     values, order = skippable.flatten().sort()
