@@ -38,7 +38,7 @@ def test_every_command_help_shows_an_example():
     (["generate", "--model", "smollm2-135m", "--prompt", "word " * 9000], "context"),
     (["generate", "--prompt", "hi"], "exactly one of --model or --run"),
     (["bench", "--model", "random:tiny-llama"], "--skip"),
-    (["bench", "--model", "random:tiny-llama", "--skip", "2", "--llamacpp"], "--llamacpp"),
+    (["bench", "--model", "random:tiny-llama", "--skip", "2", "--llamacpp", "Q8_0"], "--llamacpp"),
     (["train", "--model", "random:tiny-llama", "--data", "builtin:boolq", "--out", "never-written", "--dtype", "int8"],
      "float weights"),
     (["serve", "--model", "random:tiny-llama", "--max-queue", "0"], "--max-queue"),
@@ -72,3 +72,13 @@ def test_bench_json_reports_three_variants():
     result = json.loads(out.stdout)
     assert {"full", "first", "pruned", "first_over_full", "first_over_pruned"} <= set(result)
     assert result["first"]["skipped_layers"] == [2, 3] and result["full"]["skipped_layers"] == []
+
+
+def test_bench_times_llamacpp_beside_firstskip_when_it_is_installed():
+    pytest.importorskip("llama_cpp")  # benchmark-only (benchmarks/setup_llamacpp.sh); not in the test install
+    out = firstskip("bench", "-m", "smollm2-135m", "--skip", "10-17", "--dtype", "int8", "--llamacpp", "Q4_1",
+                    "--prompt-len", "16", "--new-tokens", "4", "--repeats", "1", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert {"llamacpp_Q4_1", "full_over_llamacpp_Q4_1", "first_over_llamacpp_Q4_1"} <= set(result)
+    assert result["setup"]["dtype"] == "int8" and result["setup"]["llamacpp_ggufs"]["llamacpp_Q4_1"].endswith("Q4_1.gguf")

@@ -97,15 +97,15 @@ def speed_bound(num_layers: int, skip_sets: Sequence[Sequence[int]]) -> float:
 def run_bench(fsm: FirstSkipModel, skip: Sequence[int] | None, batch_size: int = 1, prompt_len: int = 256,
               new_tokens: int = 64, repeats: int = 5, warmup: int = 1, seed: int = 0,
               prompts: list[list[int]] | None = None, memory: str | None = None,
-              llamacpp: str | None = None) -> dict[str, Any]:
+              llamacpp: Sequence[str] = ()) -> dict[str, Any]:
     """Measure full / FiRST / pruned on random prompts (speed does not depend on token values) or
     on ``prompts`` (real ones, whose skip sets the routers choose).
 
     With ``skip`` FiRST uses that forced set; without it the routers choose per row, and the pruned
     copy (only when every row chose the same set) deletes those layers. ``memory``: the model
     reference (``--model`` or ``--run``) to measure each variant's peak resident size in a
-    process of its own. ``llamacpp``: the dtype whose bit width llama.cpp runs at, beside the
-    others (batch 1; see `firstskip.llamacpp`).
+    process of its own. ``llamacpp``: GGUF types (``Q8_0`` ...) llama.cpp runs the base model at,
+    each a variant beside the others (batch 1; see `firstskip.llamacpp`).
     """
     if prompts is None:
         generator = torch.Generator().manual_seed(seed)
@@ -119,8 +119,7 @@ def run_bench(fsm: FirstSkipModel, skip: Sequence[int] | None, batch_size: int =
     variants = [Variant("full", fsm.engine, [[]] * batch_size), Variant("first", fsm.engine, first_skip, skip is None)]
     if shared is not None:
         variants.append(Variant("pruned", _pruned_engine(fsm, shared), None))
-    if llamacpp is not None:
-        variants.append(_llamacpp_variant(fsm, llamacpp, prompts, new_tokens))
+    variants += [_llamacpp_variant(fsm, kind, prompts, new_tokens) for kind in llamacpp]
     for _ in range(warmup):
         for v in variants:
             time_once(v, prompts, min(new_tokens, 8))
@@ -134,8 +133,9 @@ def run_bench(fsm: FirstSkipModel, skip: Sequence[int] | None, batch_size: int =
     if shared is not None:
         ratios["pruned_over_full"] = paired_ratio(runs, "pruned", "full")
         ratios["first_over_pruned"] = paired_ratio(runs, "first", "pruned")
-    if llamacpp is not None:
-        ratios.update({f"{name}_over_llamacpp": paired_ratio(runs, name, "llamacpp") for name in runs if name != "llamacpp"})
+    ours = [name for name in runs if not name.startswith("llamacpp")]
+    ratios.update({f"{name}_over_{kind}": paired_ratio(runs, name, kind) for kind in runs
+                   if kind.startswith("llamacpp") for name in ours})
     result.update(ratios)
     result["bound"] = bound
     result["faults"] = [f"{name} {value:.3f} is above the bound {bound:.3f}: a measurement fault (busy cores?)"
@@ -143,11 +143,11 @@ def run_bench(fsm: FirstSkipModel, skip: Sequence[int] | None, batch_size: int =
     result["ttft_first_over_full"] = paired_ratio(runs, "first", "full", "ttft_s")
     if memory is not None:
         for v in variants:
-            if v.name != "llamacpp":
+            if not isinstance(v.engine, LlamaCpp):
                 result[v.name]["peak_rss_mb"] = peak_rss(memory, weight_format(fsm.model), v.name, shared or [],
                                                          prompts, new_tokens)
     result["setup"] = {
-        "llamacpp_gguf": variants[-1].engine.gguf.name if llamacpp is not None else None,
+        "llamacpp_ggufs": {v.name: v.engine.gguf.name for v in variants if isinstance(v.engine, LlamaCpp)},
         "base_model": fsm.config.base_model, "skip": list(skip) if skip is not None else shared,
         "skip_sets": sets, "batch_size": batch_size, "prompt_lens": sorted({len(p) for p in prompts}),
         "new_tokens": new_tokens, "repeats": repeats, "device": str(fsm.engine.device),
@@ -158,13 +158,13 @@ def run_bench(fsm: FirstSkipModel, skip: Sequence[int] | None, batch_size: int =
     return result
 
 
-def _llamacpp_variant(fsm: FirstSkipModel, dtype: str, prompts: list[list[int]], new_tokens: int) -> Variant:
+def _llamacpp_variant(fsm: FirstSkipModel, kind: str, prompts: list[list[int]], new_tokens: int) -> Variant:
     if not llamacpp.available():
         raise FirstSkipError("--llamacpp needs llama-cpp-python: run benchmarks/setup_llamacpp.sh")
     if len(prompts) != 1:
         raise FirstSkipError("--llamacpp times batch 1 only; drop --batch-size")
-    gguf = llamacpp.gguf_for(fsm.config.base_model, dtype)
-    return Variant("llamacpp", LlamaCpp(gguf, torch.get_num_threads(), len(prompts[0]) + new_tokens + 8), None)
+    gguf = llamacpp.gguf_for(fsm.config.base_model, kind)
+    return Variant(f"llamacpp_{kind}", LlamaCpp(gguf, torch.get_num_threads(), len(prompts[0]) + new_tokens + 8), None)
 
 
 def _pruned_engine(fsm: FirstSkipModel, skip: Sequence[int]) -> Engine:

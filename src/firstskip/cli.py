@@ -121,7 +121,7 @@ def _print_stream(fsm, prompt, sampling, raw, layers, stops) -> None:
 @app.command(epilog="Examples:\n\n  firstskip bench -m smollm2-135m --skip 10-17 --batch-size 1 "
                     "--prompt-len 256 --new-tokens 64 --json\n\n"
                     "  firstskip bench -r runs/mine --data ../shared/data/samsum --batch-size 8 --memory\n\n"
-                    "  firstskip bench -m smollm2-135m --skip 10-17 --dtype int8 --llamacpp")
+                    "  firstskip bench -m smollm2-135m --skip 10-17 --dtype int8 --llamacpp Q8_0,Q4_1")
 def bench(
     model: ModelOpt = None,
     run: RunOpt = None,
@@ -134,8 +134,9 @@ def bench(
     repeats: Annotated[int, typer.Option(help="Timed runs per variant (medians are reported).")] = 5,
     memory: Annotated[bool, typer.Option("--memory", help="Also each variant's peak resident memory, "
                                          "in a process of its own.")] = False,
-    llamacpp: Annotated[bool, typer.Option("--llamacpp", help="Also llama.cpp on the model's GGUF at the same "
-                                           "bit width (batch 1; benchmarks/setup_llamacpp.sh installs it).")] = False,
+    llamacpp: Annotated[Optional[str], typer.Option(help="Also llama.cpp on the model's GGUF requantized to these "
+                                                    "types, e.g. Q8_0,Q4_1 (batch 1; needs "
+                                                    "benchmarks/setup_llamacpp.sh).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     dtype: DtypeOpt = "float32",
     device: DeviceOpt = "cpu",
@@ -158,7 +159,7 @@ def bench(
         prompts = [encode_prompt(fsm.tokenizer, ex.prompt) for ex in load_examples(data, "test", limit=batch_size)]
     result = run_bench(fsm, layers, batch_size, prompt_len, new_tokens, repeats, prompts=prompts,
                        memory=str(run if run is not None else model) if memory else None,
-                       llamacpp=dtype if llamacpp else None)
+                       llamacpp=[k.strip() for k in llamacpp.split(",") if k.strip()] if llamacpp else ())
     if as_json:
         typer.echo(json.dumps(result))
         return
@@ -176,19 +177,20 @@ def _print_bench(result: dict) -> None:
     memory = "peak_rss_mb" in result["full"]
     for col in columns + (["peak RSS MB"] if memory else []):
         table.add_column(col)
-    for name in ("full", "first", "pruned", "llamacpp"):
+    for name in ["full", "first", "pruned", *setup["llamacpp_ggufs"]]:
         if name in result:
             r = result[name]
-            label = f"llama.cpp {setup['llamacpp_gguf'].split('.')[-2]}" if name == "llamacpp" else name
+            label = name.replace("llamacpp_", "llama.cpp ")
             kv = "" if r["kv_cache_mb"] is None else f"{r['kv_cache_mb']:.1f}"
             row = [label, f"{r['decode_tok_s']:.1f}", f"{r['ttft_s']:.3f}", f"{r['e2e_s']:.2f}", kv]
             rss = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else ""
             table.add_row(*row, *([rss] if memory else []))
     console = Console()
     console.print(table)
-    ratios = "   ".join(f"{k.replace('_over_', '/')} {result[k]:.3f}x" for k in
-                         ("first_over_full", "pruned_over_full", "first_over_pruned", "full_over_llamacpp",
-                          "first_over_llamacpp") if k in result)
+    names = ["first_over_full", "pruned_over_full", "first_over_pruned"]
+    names += [f"{ours}_over_{kind}" for kind in setup["llamacpp_ggufs"] for ours in ("full", "first")]
+    ratios = "   ".join(f"{k.replace('_over_', '/').replace('llamacpp_', 'llama.cpp ')} {result[k]:.3f}x"
+                        for k in names if k in result)
     console.print(f"{ratios}   (bound {result['bound']:.3f}x; medians of per-repeat ratios)")
     for fault in result["faults"]:
         console.print(f"[red]measurement fault:[/red] {fault}")

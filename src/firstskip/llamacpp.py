@@ -1,10 +1,10 @@
 """llama.cpp, the runtime CPU users run instead, timed beside firstskip in the same process.
 
-`firstskip bench --llamacpp` adds it as a variant when llama-cpp-python is installed
-(`benchmarks/setup_llamacpp.sh` builds it with the flags these CPUs need). It decodes the base
-model's own GGUF, requantized to the bit width firstskip runs at (float32 → F32, int8 → Q8_0), with
-the same threads, prompt and new tokens, timed like the engine: prefill of the prompt, then greedy
-decoding after it (decoding from an empty cache would flatter it by about a third).
+`firstskip bench --llamacpp Q8_0,Q4_1` adds one variant per GGUF type when llama-cpp-python is
+installed (`benchmarks/setup_llamacpp.sh` builds it with the flags these CPUs need). Each decodes the
+base model's own GGUF, requantized to that type where the file is another, with the same threads,
+prompt and new tokens, timed like the engine: prefill of the prompt, then greedy decoding after it
+(decoding from an empty cache would flatter it by about a third).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 from firstskip.errors import FirstSkipError
 from firstskip.models import cache_dir, source_gguf
 
-GGUF_TYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "int8": "Q8_0"}
+GGUF_TYPES = ("F32", "BF16", "F16", "Q8_0", "Q4_1", "Q4_0")
 
 
 def available() -> bool:
@@ -30,21 +30,24 @@ def available() -> bool:
     return True
 
 
-def gguf_for(base_model: str, dtype: str) -> Path:
-    """The base model's GGUF at ``dtype``'s bit width, requantized once into the cache folder.
+def gguf_for(base_model: str, kind: str) -> Path:
+    """The base model's GGUF of type ``kind`` (``Q8_0``, ``F32`` ...), requantized once into the
+    cache folder unless the source already is that type.
 
     Only packaged models come from a GGUF; a requantized file keeps the source's quality, so it is
     for timing, not for quality comparisons."""
-    if dtype not in GGUF_TYPES:
-        raise FirstSkipError(f"no llama.cpp counterpart for {dtype}; use one of {', '.join(GGUF_TYPES)}")
+    if kind not in GGUF_TYPES:
+        raise FirstSkipError(f"unknown GGUF type {kind!r}; choose from {', '.join(GGUF_TYPES)}")
     folder = cache_dir() / "llamacpp"
     folder.mkdir(parents=True, exist_ok=True)
     src = source_gguf(base_model, folder)
     if src is None:
         raise FirstSkipError(f"--llamacpp needs a model that comes from a GGUF file (a packaged model), not {base_model}")
-    dest = folder / f"{src.stem}.{GGUF_TYPES[dtype]}.gguf"
+    if src.stem.endswith(f".{kind}"):
+        return src
+    dest = folder / f"{src.stem.rsplit('.', 1)[0]}.{kind}.gguf"
     if not dest.is_file():
-        _quantize(src, dest, GGUF_TYPES[dtype])
+        _quantize(src, dest, kind)
     return dest
 
 
