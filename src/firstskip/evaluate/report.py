@@ -182,7 +182,7 @@ def _dataset_table(name: str, ds: dict[str, Any]) -> list[str]:
                      f"{_num(sp['latency_s'], '.2f')} | {_num(sp['decode_tok_s'], '.1f')} | "
                      f"{_num(sp['decode_speedup'], '.2f')} | {_num(sp['ttft_s'], '.3f')} | "
                      f"{_num(sp['ttft_vs_full'], '.2f')} | {_num(b['decode_speedup'], '.2f')}{flag} "
-                     f"({b['work_bound']:.2f}) |")
+                     f"({_num(b['work_bound'], '.2f')}) |")
     if any(r["batched"]["above_bound"] for r in ds["methods"].values()):
         lines.append("- †: batched speedup above its work bound 1 / (1 - decode saving): not skipping's doing "
                      "(timing noise, or outputs that end at other times within a batch)")

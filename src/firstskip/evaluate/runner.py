@@ -34,13 +34,13 @@ from tqdm import tqdm
 
 from firstskip import artifacts
 from firstskip.baselines import BaselineContext, block_influence, equal_budget_k
+from firstskip.config import FirstSkipConfig
 from firstskip.data import Example, collate, encode_example, load_examples
 from firstskip.engine import Generation, Prefilled, Sampling
 from firstskip.errors import FirstSkipError
 from firstskip.evaluate import report
 from firstskip.evaluate.methods import REFERENCES, Method, parse_methods, rival_method, skip_sets
 from firstskip.evaluate.store import PredictionStore, normalise
-from firstskip.config import FirstSkipConfig
 from firstskip.export import most_common_skip_set
 from firstskip.metrics import evaluate_predictions, paired_ratio, primary_metric
 from firstskip.modeling import FirstSkipModel
@@ -409,8 +409,9 @@ def _add_batched_ratios(methods: dict[str, dict[str, Any]]) -> None:
         speed = result["batched"]
         ok = full is not None and full["decode_tok_s"] and speed["decode_tok_s"]
         speed["decode_speedup"] = speed["decode_tok_s"] / full["decode_tok_s"] if ok else None
-        speed["work_bound"] = 1 / (1 - result["skip"]["decode_saving"])
-        speed["above_bound"] = bool(ok) and speed["decode_speedup"] > speed["work_bound"] * 1.05
+        saving = result["skip"]["decode_saving"]
+        speed["work_bound"] = 1 / (1 - saving) if saving < 1 else None  # None: every layer skipped, no bound
+        speed["above_bound"] = bool(ok and speed["work_bound"]) and speed["decode_speedup"] > speed["work_bound"] * 1.05
 
 
 def time_single_prompts(models: Models, ds: Dataset, methods: Sequence[Method], prompts: list[list[int]],
