@@ -82,3 +82,15 @@ def test_bench_times_llamacpp_beside_firstskip_when_it_is_installed():
     result = json.loads(out.stdout)
     assert {"llamacpp_Q4_1", "full_over_llamacpp_Q4_1", "first_over_llamacpp_Q4_1"} <= set(result)
     assert result["setup"]["dtype"] == "int8" and result["setup"]["llamacpp_ggufs"]["llamacpp_Q4_1"].endswith("Q4_1.gguf")
+
+
+def test_the_llamacpp_variant_decodes_what_the_model_says():
+    """Its timed loop is a real greedy decode of the same prompt (the GGUF's own Q4_1 weights)."""
+    pytest.importorskip("llama_cpp")
+    from firstskip.llamacpp import LlamaCpp, gguf_for
+    from firstskip.modeling import FirstSkipModel
+
+    fsm = FirstSkipModel.from_base("smollm2-135m")
+    ids = fsm.encode("What is the capital of France? Answer in one sentence.")
+    anchor = LlamaCpp(gguf_for("smollm2-135m", "Q4_1"), 2, 128)
+    assert "Paris" in fsm.tokenizer.decode(anchor.generate(ids, 8))

@@ -73,16 +73,30 @@ class LlamaCpp:
         self.llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=context, n_batch=512, n_threads=threads,
                                    n_threads_batch=threads, verbose=False)
 
+    def greedy(self) -> int:
+        """The argmax of the last evaluated token's logits (read in place: `Llama.eval` keeps them
+        only with ``logits_all``)."""
+        return int(np.argmax(np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),))))
+
+    def generate(self, prompt: list[int], new_tokens: int) -> list[int]:
+        self.llm.reset()
+        self.llm.eval(prompt)
+        tokens = [self.greedy()]
+        while len(tokens) < new_tokens:
+            self.llm.eval(tokens[-1:])
+            tokens.append(self.greedy())
+        return tokens
+
     def time_once(self, prompt: list[int], new_tokens: int) -> dict[str, Any]:
         llm = self.llm
         llm.reset()
         start = time.perf_counter()
         llm.eval(prompt)
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = self.greedy()
         prefilled = time.perf_counter()
         for _ in range(new_tokens - 1):
             llm.eval([token])
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            token = self.greedy()
         end = time.perf_counter()
         return {"ttft_s": prefilled - start, "decode_tok_s": (new_tokens - 1) / max(end - prefilled, 1e-9),
                 "e2e_s": end - start, "kv_cache_mb": None, "peak_mem_mb": None, "skip_sets": [[]]}
