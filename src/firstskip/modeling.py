@@ -23,7 +23,7 @@ from firstskip.engine import Engine, Generation, Sampling, StopFn, Stream
 from firstskip.errors import FirstSkipError
 from firstskip.families import decoder_layers
 from firstskip.models import load_model, model_reference, torch_dtype
-from firstskip.quantize import WEIGHT_FORMATS, quantize
+from firstskip.quantize import WEIGHT_FORMATS, quantize_int8
 from firstskip.routers import RouterBank
 
 
@@ -76,8 +76,8 @@ class FirstSkipModel:
             # checked and the adapter merged at full precision, then cast to the format asked for.
             model, tokenizer = load_model(_base_path(run_dir, config, adapter), dtype="float32", device=device)
             cast = dtype
-        if cast in WEIGHT_FORMATS and adapter and not merge_adapter:
-            raise FirstSkipError(f"{cast} weights need the adapter merged first (leave merge_adapter on)")
+        if cast == "int8" and adapter and not merge_adapter:
+            raise FirstSkipError("int8 weights need the adapter merged first (leave merge_adapter on)")
         if adapter or not config.merged:  # a merged run's fingerprint is of the merged weights
             artifacts.check_fingerprint(config.fingerprint, model, run_dir)
         if adapter:
@@ -172,9 +172,9 @@ def _load_dtype(dtype: str | torch.dtype) -> str | torch.dtype:
 
 
 def to_format(model: torch.nn.Module, dtype: str | torch.dtype) -> torch.nn.Module:
-    """Cast a float32 model to ``dtype``, or quantize its linear layers (``int8``, ``int4``)."""
+    """Cast a float32 model to ``dtype``, or quantize its linear layers for ``int8``."""
     if dtype in WEIGHT_FORMATS:
-        return quantize(model, dtype)
+        return quantize_int8(model)
     cast = torch_dtype(dtype)
     return model if cast == torch.float32 else model.to(cast)
 
