@@ -5,7 +5,8 @@
   preempted for lack of KV blocks: none of that changes an answer.
 - A forced set with ``routed`` prefill equals vLLM serving the pruned export of that set; keep-all
   (threshold 0) equals vLLM serving the plain base model; two concurrent requests with different
-  sets each equal their solo output; a skipped layer is really not called.
+  sets each equal their solo output, also when one of them is moved to another batch slot; a
+  skipped layer is really not called.
 """
 
 from __future__ import annotations
@@ -27,6 +28,11 @@ def expected(fixtures: Path, family: str) -> dict:
 
 def records(llm) -> dict:
     return on_model(llm, lambda model: dict(__import__("firstskip_vllm.state", fromlist=["RECORDS"]).RECORDS))
+
+
+def events(llm) -> dict:
+    """How many requests the plugin's slot table saw added, removed and moved so far."""
+    return on_model(llm, lambda model: dict(__import__("firstskip_vllm.state", fromlist=["EVENTS"]).EVENTS))
 
 
 def layer_runs(llm) -> list[int]:
@@ -68,6 +74,11 @@ def llama(fixtures: Path) -> dict:
         out["keep_all"] = generate(llm, prompts, greedy(n_new, threshold=0.0))
         out["solo_other"] = generate(llm, [prompts[1]], greedy(n_new, skip=OTHER_SET))[0]
         out["pair"] = generate(llm, prompts, [greedy(n_new, skip=skip), greedy(n_new, skip=OTHER_SET)])
+        # a short request ahead of them finishes first: vLLM moves the last request into its slot
+        moves = events(llm)["moved"]
+        out["moved"] = generate(llm, [rows[1]["prompt"], *prompts],
+                                [greedy(2), greedy(n_new, skip=skip), greedy(n_new, skip=OTHER_SET)])[1:]
+        out["moves"] = events(llm)["moved"] - moves
     with engine(fixtures / "llama" / "pruned", **REFERENCE) as llm:
         out["pruned"] = [generate(llm, [p], greedy(n_new))[0] for p in prompts]
     with engine(fixtures / "llama" / "base", **REFERENCE) as llm:
@@ -105,6 +116,11 @@ def test_keep_all_equals_the_plain_model(llama):
 
 def test_two_requests_with_different_sets_each_equal_their_solo_output(llama):
     assert llama["pair"] == [llama["forced_full"], llama["solo_other"]]
+
+
+def test_a_request_moved_to_another_slot_keeps_its_set(llama):
+    assert llama["moves"] > 0, "a request was meant to change slots"
+    assert llama["moved"] == [llama["forced_full"], llama["solo_other"]]
 
 
 def test_a_skipped_layer_is_not_called(llama, fixtures):

@@ -13,7 +13,7 @@ how much of the prompt was scored survive a request leaving the batch and coming
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +28,7 @@ _ATTR = "_firstskip_state"
 SLOTS: dict[int, RequestState] = {}  # persistent-batch slot -> the request in it (this worker)
 RECORDS: OrderedDict[str, dict[str, Any]] = OrderedDict()  # firstskip_record name -> its decision
 MAX_RECORDS = 1024
+EVENTS: Counter[str] = Counter()  # slot changes seen (added / removed / moved), for tests and debugging
 NUM_LAYERS: int | None = None  # the served model's layer count, set while the engine config is built
 
 
@@ -85,6 +86,9 @@ class FirstSkipBatchState(LogitsProcessor):
         return True
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if batch_update:
+            EVENTS.update(added=len(batch_update.added), removed=len(batch_update.removed),
+                          moved=len(batch_update.moved))
         process_dict_updates(SLOTS, batch_update, lambda params, prompt, _out: request_state(params, prompt))
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
