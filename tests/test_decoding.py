@@ -33,9 +33,11 @@ def engine(model, routed: bool = False, **config) -> Engine:
     cfg = FirstSkipConfig(num_layers=len(decoder_layers(model)), hidden_size=model.config.hidden_size, **config)
     routers = None
     if routed:  # input-dependent keep-probabilities, so different prompts skip different layers
-        routers = RouterBank(cfg)
-        for router in routers.routers:
-            torch.nn.init.normal_(router.down.weight, std=2.0)
+        with torch.random.fork_rng():  # the same routers whichever tests ran before
+            torch.manual_seed(0)
+            routers = RouterBank(cfg)
+            for router in routers.routers:
+                torch.nn.init.normal_(router.down.weight, std=2.0)
     return Engine(model, cfg, routers)
 
 
