@@ -1,4 +1,5 @@
-"""The timing harness: full model, FiRST and a physically pruned copy, side by side in one process.
+"""The timing harness: full model, FiRST, a physically pruned copy and, where installed, llama.cpp,
+side by side in one process.
 
 Speed is never asserted in tests; it is measured here: a warm-up first, then repeats in which the
 variants run one after another (interleaved), and every ratio is the median of the per-repeat
@@ -27,8 +28,8 @@ from firstskip import llamacpp
 from firstskip.engine import Engine, Sampling
 from firstskip.errors import FirstSkipError
 from firstskip.llamacpp import LlamaCpp
-from firstskip.quantize import weight_format
 from firstskip.modeling import FirstSkipModel
+from firstskip.quantize import weight_format
 from firstskip.skipping import pruned_copy
 
 
