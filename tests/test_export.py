@@ -167,6 +167,18 @@ def test_gguf_export_of_the_packaged_model(tmp_path, smollm2):
     assert plain(loaded.eval(), ids)[0] == plain(pruned_copy(smollm2[0], skip), ids)[0]
 
 
+def test_llamacpp_decodes_the_gguf_export_as_the_pruned_copy_does(tmp_path):
+    """llama.cpp itself loads the export (where llama-cpp-python is installed; benchmark-only)."""
+    pytest.importorskip("llama_cpp")
+    from firstskip.llamacpp import LlamaCpp
+
+    export(tmp_path / "out", "gguf", model="smollm2-135m", skip=list(range(10, 18)))
+    fsm = FirstSkipModel.from_base("smollm2-135m", prefill="routed")  # skips the prompt too, as the export does
+    ids = fsm.encode("What is the capital of France? Answer in one sentence.")
+    want = fsm.engine.generate([ids], Sampling(max_new_tokens=4), [list(range(10, 18))])[0].token_ids
+    assert LlamaCpp(tmp_path / "out" / "model.gguf", 2, 128).generate(ids, 4) == want
+
+
 def test_gguf_export_of_a_lora_run_holds_the_adapted_weights(tmp_path, smollm2):
     save_run(FirstSkipModel.from_base("smollm2-135m"), tmp_path / "run", lora=("q_proj", "k_proj", "v_proj"),
              scale=0.02)
