@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# firstskip serve against vLLM's OpenAI server on the same run, float32 weights and 2 cores:
+# benchmarks/serve_load.py's streaming clients on the mixed workload (SAMSum, XSum, BoolQ), one
+# server at a time (benchmarks/README.md, "Serving against vLLM").
+# Reproduce: bash plugins/vllm/ci.sh (builds .venv-vllm) && bash benchmarks/serve_vs_vllm.sh [RUN] [CLIENTS] [SECONDS] [DTYPE]
+# DTYPE (firstskip's weights, default float32): with another, only firstskip runs (vLLM is measured in float32).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+run=${1:-runs/sec4s0}
+clients=${2:-16}
+seconds=${3:-90}
+dtype=${4:-float32}
+out=benchmarks/results
+mkdir -p out "$out"
+[ -d out/serve-vllm ] || firstskip export --run "$run" --format vllm --out out/serve-vllm
+[ -d out/serve-vllm-plain ] || .venv-vllm/bin/python -c "import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks')
+from vllm_speed import plain_copy; plain_copy(Path('out/serve-vllm'), Path('out/serve-vllm-plain'))"
+wait_up() { for _ in $(seq 600); do curl -sf "http://127.0.0.1:$1/v1/models" >/dev/null && return 0; sleep 1; done; return 1; }
+measure() {  # name port pid
+  wait_up "$2"
+  python3 benchmarks/serve_load.py --url "http://127.0.0.1:$2" --clients "$clients" --seconds "$seconds" \
+    --model m --pid "$3" --out "$out/serve_$1_${clients}x${seconds}.json"
+  kill "$3"; wait "$3" || true
+}
+firstskip serve --run "$run" --port 8931 --max-batch-size 8 --max-queue 64 --served-model-name m --dtype "$dtype" &
+measure "firstskip_$dtype" 8931 $!
+[ "$dtype" = float32 ] || exit 0
+export VLLM_CPU_KVCACHE_SPACE=2 HF_HUB_OFFLINE=1
+# vLLM on the plain model (the run's merged weights) with its own defaults, 8 sequences at a time like firstskip.
+.venv-vllm/bin/python -m vllm.entrypoints.openai.api_server --model out/serve-vllm-plain --served-model-name m \
+  --port 8932 --dtype float32 --max-num-seqs 8 &
+measure vllm 8932 $!
+# vLLM with the FiRST plugin (eager, prefix caching off: the plugin's required settings).
+.venv-vllm/bin/python -m vllm.entrypoints.openai.api_server --model out/serve-vllm --served-model-name m \
+  --port 8933 --dtype float32 --max-num-seqs 8 --enforce-eager --no-enable-prefix-caching &
+measure vllm_plugin 8933 $!
