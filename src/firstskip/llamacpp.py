@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,25 +79,26 @@ class LlamaCpp:
         only with ``logits_all``)."""
         return int(np.argmax(np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),))))
 
-    def generate(self, prompt: list[int], new_tokens: int) -> list[int]:
+    def tokens(self, prompt: list[int], new_tokens: int) -> Iterator[int]:
+        """Greedy new tokens after ``prompt``, the first as soon as the prompt is evaluated."""
         self.llm.reset()
         self.llm.eval(prompt)
-        tokens = [self.greedy()]
-        while len(tokens) < new_tokens:
-            self.llm.eval(tokens[-1:])
-            tokens.append(self.greedy())
-        return tokens
+        for step in range(new_tokens):
+            if step:
+                self.llm.eval([token])
+            token = self.greedy()
+            yield token
+
+    def generate(self, prompt: list[int], new_tokens: int) -> list[int]:
+        return list(self.tokens(prompt, new_tokens))
 
     def time_once(self, prompt: list[int], new_tokens: int) -> dict[str, Any]:
-        llm = self.llm
-        llm.reset()
         start = time.perf_counter()
-        llm.eval(prompt)
-        token = self.greedy()
+        stream = self.tokens(prompt, new_tokens)
+        next(stream)
         prefilled = time.perf_counter()
-        for _ in range(new_tokens - 1):
-            llm.eval([token])
-            token = self.greedy()
+        for _ in stream:
+            pass
         end = time.perf_counter()
         return {"ttft_s": prefilled - start, "decode_tok_s": (new_tokens - 1) / max(end - prefilled, 1e-9),
                 "e2e_s": end - start, "kv_cache_mb": None, "peak_mem_mb": None, "skip_sets": [[]]}
