@@ -7,11 +7,10 @@ cd "$(dirname "$0")/.."
 run=${1:-runs/sec4s0}
 out=benchmarks/results
 mkdir -p "$out"
-show() { python3 -c "import json,sys; r=json.load(open(sys.argv[1])); print(sys.argv[1], {k: v for k, v in r.items() if k.endswith(('_over_full', '_over_pruned')) or k in ('bound', 'faults')})" "$1"; }
 for bs in 1 8; do
   firstskip bench --model smollm2-135m --skip 10-17 --batch-size "$bs" --prompt-len 256 \
     --new-tokens 64 --repeats 5 --memory --json > "$out/smollm2_skip10-17_b$bs.json"
-  show "$out/smollm2_skip10-17_b$bs.json"
+  python3 benchmarks/ratios.py "$out/smollm2_skip10-17_b$bs.json"
 done
 if [ ! -f "$run/config.json" ]; then
   firstskip train --model smollm2-135m --data ../shared/data/samsum --data ../shared/data/xsum \
@@ -20,16 +19,16 @@ fi
 # The skip sets the run's routers choose for the first 8 SAMSum test prompts, decoded as one batch.
 firstskip bench --run "$run" --data ../shared/data/samsum --batch-size 8 --new-tokens 64 --repeats 5 \
   --json > "$out/smollm2_samsum8_routed.json"
-show "$out/smollm2_samsum8_routed.json"
+python3 benchmarks/ratios.py "$out/smollm2_samsum8_routed.json"
 python3 benchmarks/decode_overhead.py --out "$out/decode_overhead.json"
 # The same in bfloat16 (weights and activations; routers stay float32), and how far it decodes from float32.
 for bs in 1 8; do
   firstskip bench --model smollm2-135m --skip 10-17 --batch-size "$bs" --prompt-len 256 \
     --new-tokens 64 --repeats 5 --dtype bfloat16 --json > "$out/smollm2_skip10-17_b${bs}_bf16.json"
-  show "$out/smollm2_skip10-17_b${bs}_bf16.json"
+  python3 benchmarks/ratios.py "$out/smollm2_skip10-17_b${bs}_bf16.json"
 done
 firstskip bench --run "$run" --data ../shared/data/samsum --batch-size 8 --new-tokens 64 --repeats 5 \
   --dtype bfloat16 --json > "$out/smollm2_samsum8_routed_bf16.json"
-show "$out/smollm2_samsum8_routed_bf16.json"
+python3 benchmarks/ratios.py "$out/smollm2_samsum8_routed_bf16.json"
 python3 benchmarks/dtype_agreement.py --run "$run" --data ../shared/data/samsum --data ../shared/data/boolq \
   --limit 30 --out "$out/bf16_agreement.json"
