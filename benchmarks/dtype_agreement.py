@@ -32,41 +32,42 @@ def common_prefix(a: list[int], b: list[int]) -> float:
     return n / max(len(a), len(b), 1)
 
 
-def forced_logprobs(fsm: FirstSkipModel, ids: list[int], tokens: list[int]) -> tuple[list[int], torch.Tensor]:
-    """The run's skip set for ``ids`` and its log-probabilities at each of ``tokens``' positions,
-    fed ``tokens`` whatever it would have sampled (teacher forcing)."""
+def logprobs_along(fsm: FirstSkipModel, ids: list[int], sampling: Sampling,
+                   tokens: list[int] | None = None) -> tuple[list[int], list[int], torch.Tensor]:
+    """The run's skip set for ``ids``, the tokens it decodes and its log-probabilities at each of
+    their positions: its own greedy tokens (EOS stops), or ``tokens`` fed whatever it would have
+    sampled (teacher forcing)."""
     engine = fsm.engine
     pre = engine.prefill([ids])
     rows = [pre.logits[0].float().log_softmax(-1)]
-    if len(tokens) > 1:
-        batch = engine.new_batch(1, len(ids) + len(tokens))
-        (request,) = engine.join(batch, pre, Sampling(max_new_tokens=len(tokens)))
-        forced = iter(tokens[1:])
-        request.token, request.greedy = tokens[0], False
+    budget = sampling.max_new_tokens if tokens is None else len(tokens)
+    batch = engine.new_batch(1, len(ids) + budget)
+    eos = fsm.eos_token_ids if tokens is None else ()
+    (request,) = engine.join(batch, pre, Sampling(max_new_tokens=budget), eos)
+    forced = iter(tokens[1:] if tokens else ())
+    if tokens:
+        request.token = tokens[0]
+    request.greedy = False
 
-        def record(logits: torch.Tensor) -> int:
-            rows.append(logits.float().log_softmax(-1))
-            return next(forced, tokens[-1])
+    def record(logits: torch.Tensor) -> int:
+        rows.append(logits.float().log_softmax(-1))
+        return int(logits.argmax()) if tokens is None else next(forced, tokens[-1])
 
-        request.sample = record
-        while batch.requests:
-            batch.step()
-    skipped = pre.skip[0].nonzero().squeeze(-1).tolist()
-    return skipped, torch.stack(rows[:len(tokens)])
+    request.sample = record
+    while batch.requests:
+        batch.step()
+    out = request.generation.token_ids if tokens is None else tokens
+    return pre.skip[0].nonzero().squeeze(-1).tolist(), out, torch.stack(rows[:len(out)])
 
 
 def compare(models: dict[str, FirstSkipModel], ids: list[int], sampling: Sampling) -> dict[str, float | bool]:
-    (ref_name, ref), (_, other) = models.items()
-    outputs = {}
-    for name, fsm in models.items():
-        pre = fsm.engine.prefill([ids])
-        outputs[name] = fsm.engine.decode(pre, sampling, fsm.eos_token_ids)[0]
-    a, b = outputs.values()
-    s32, l32 = forced_logprobs(ref, ids, a.token_ids)
-    _, l16 = forced_logprobs(other, ids, a.token_ids)
+    ref, other = models.values()
+    ref_set, ref_tokens, l32 = logprobs_along(ref, ids, sampling)
+    other_set, other_tokens, _ = logprobs_along(other, ids, sampling)
+    _, _, l16 = logprobs_along(other, ids, sampling, ref_tokens)
     kl = (l32.exp() * (l32 - l16)).sum(-1)
-    return {"same_set": a.skipped_layers == b.skipped_layers, "same_output": a.token_ids == b.token_ids,
-            "prefix": common_prefix(a.token_ids, b.token_ids), "kl_first": float(kl[0]),
+    return {"same_set": ref_set == other_set, "same_output": ref_tokens == other_tokens,
+            "prefix": common_prefix(ref_tokens, other_tokens), "kl_first": float(kl[0]),
             "kl_token": float(kl.mean())}
 
 
