@@ -325,69 +325,41 @@ def inspect_(
 
 
 @app.command(epilog="Examples:\n\n"
-             "  firstskip train -m smollm2-135m --data ../shared/data/samsum --data ../shared/data/xsum "
-             "--data ../shared/data/boolq --out runs/mix --skip-target 0.25 --lora --merge\n\n"
-             "  firstskip train -m smollm2-135m --data ../shared/data/samsum --data ../shared/data/xsum "
-             "--data ../shared/data/boolq --out runs/shortgpt --skip-target 0.25 --static shortgpt --lora\n\n"
-             "  firstskip train -m smollm2-135m --data builtin:boolq --out runs/boolq --lambda 0.01 --max-steps 50\n\n"
-             "  firstskip train -m smollm2-135m --data builtin:boolq --out runs/boolq --lambda 0.01 --max-steps 50 "
-             "--resume\n\n"
+             "  firstskip train -m smollm2-135m -d ../shared/data/samsum -d ../shared/data/xsum "
+             "-d ../shared/data/boolq -o runs/mix --skip-target 0.25 --lora --merge\n\n"
+             "  firstskip train -m smollm2-135m -d ../shared/data/samsum -d ../shared/data/xsum "
+             "-d ../shared/data/boolq -o runs/shortgpt --skip-target 0.25 --static shortgpt --lora\n\n"
+             "  firstskip train -m smollm2-135m -d builtin:boolq -o runs/boolq --lambda 0.01 --resume\n\n"
              "  accelerate launch --multi_gpu --num_processes 2 $(which firstskip) train -m smollm2-135m "
-             "--data builtin:boolq --out runs/ddp --skip-target 0.25")
+             "-d builtin:boolq -o runs/ddp --skip-target 0.25\n\n"
+             "The recipe and every option: docs/training.md.")
 def train(
-    model: Annotated[str, typer.Option("--model", "-m", help="Base model: packaged name, Hugging Face id or folder.")],
-    data: DataOpt,
+    model: Annotated[str, typer.Option("--model", "-m", help="Base model: name, hub id, path.")],
+    data: Annotated[list[str], typer.Option(
+        "--data", "-d", help="Dataset, repeatable: folder, .jsonl, hf:NAME, builtin:NAME.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="The run folder to write.")],
-    skip_target: Annotated[Optional[float], typer.Option(
-        help="Target mode: skip this fraction of all layers on average (threshold calibrated on held-out data).")] = None,
-    lam: Annotated[Optional[float], typer.Option("--lambda", help="λ mode: weight of the mean keep-probability "
-                                                 "(the default mode, λ = 0.01).")] = None,
-    lora: Annotated[bool, typer.Option(help="Then train LoRA adapters under the learned skip sets.")] = False,
-    merge: Annotated[bool, typer.Option(help="Also save the adapter merged into the weights (RUN/model).")] = False,
-    max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps per phase (default: the measured "
-                                                     "recipe's, 120 for routers and 30 for LoRA).")] = None,
-    epochs: Annotated[Optional[float], typer.Option(help="Passes over the data instead of --max-steps.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Routers' learning rate.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Examples per step, summed over processes.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Data order, held-out split and LoRA initialisation.")] = None,
-    limit: Annotated[Optional[int], typer.Option(help="Train on at most this many examples per dataset.")] = None,
-    max_length: Annotated[Optional[int], typer.Option(help="Tokens per example (prompts are cut from the left).")] = None,
-    holdout: Annotated[Optional[int], typer.Option(help="Examples per dataset kept out for calibration.")] = None,
-    lora_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps of the LoRA phase.")] = None,
-    lora_lr: Annotated[Optional[float], typer.Option(help="LoRA learning rate.")] = None,
-    lora_rank: Annotated[Optional[int], typer.Option(help="LoRA rank.")] = None,
-    pooling: Annotated[Optional[str], typer.Option(
-        help="How a router turns the prompt into p_l: mean (of its token scores, the chat template's fixed "
-             "tokens left out), mean-all (every token) or last (the last prompt token's).")] = None,
-    prefixes: Annotated[Optional[float], typer.Option(
-        help="Share of training rows whose routers read only a random start of the prompt, so that a "
-             "short prompt is not taken for a cheap one.")] = None,
-    distill: Annotated[Optional[float], typer.Option(
-        help="Weight of the routers' distillation term: KL from the base model with every layer to the "
-             "skipping one, added to the cross-entropy on the references (default 3; 0: none).")] = None,
-    lora_distill: Annotated[Optional[float], typer.Option(
-        help="Weight of the LoRA phase's distillation term: KL from the adapted model with every layer to "
-             "the skipping one (default 0: none).")] = None,
-    row_tokens: Annotated[Optional[int], typer.Option(
-        help="Routers' loss: a row weighs at most this many response tokens' worth (default 0: every "
-             "token weighs the same; 1: every row does).")] = None,
-    on_policy: Annotated[Optional[float], typer.Option(
-        help="Share of the routers' late (hard-gated) training rows whose response is the skipping model's "
-             "own greedy continuation, trained on the KL alone (default 0: references only; needs --secant 0).")] = None,
-    leave_one_out: Annotated[Optional[bool], typer.Option(
-        "--leave-one-out/--batch-mean", help="Target mode: each row's pull towards the target comes from the "
-        "mean keep-probability of the batch's other rows, not the batch's own mean (default: --batch-mean).")] = None,
-    secant: Annotated[Optional[int], typer.Option(
-        help="Routers' late (hard-gated) training: this many gates per row run at a random value and train "
-             "on the cost of skipping the layer, not the slope at the hard gate (default 4; 0: straight-through).")] = None,
+    skip_target: Annotated[Optional[float], typer.Option(help="Fraction of layers to skip on average.")] = None,
+    lam: Annotated[Optional[float], typer.Option("--lambda", help="λ mode instead of a target (λ = 0.01).")] = None,
+    lora: Annotated[bool, typer.Option(help="Then train LoRA under the skip sets.", show_default=False)] = False,
+    merge: Annotated[bool, typer.Option(help="Also save merged weights (RUN/model).", show_default=False)] = False,
     static: Annotated[Optional[str], typer.Option(
-        help="No routers: LoRA under one fixed skip set, FiRST's fair rival: shortgpt, uls, last or random "
-             "(round(--skip-target x layers) layers), layers:3,4,5, or none (a plain LoRA). Needs --lora.")] = None,
-    resume: Annotated[bool, typer.Option(help="Go on from the run's last checkpoint; finished phases are kept.")] = False,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out.")] = False,
-    threads: ThreadsOpt = None,
-    dtype: DtypeOpt = "float32",
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda ... (default: accelerate's choice).")] = None,
+        help="No routers, LoRA under one set: shortgpt, uls, last, random, layers:3,4,5 or none.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Steps per phase (default 120, LoRA 30).")] = None,
+    epochs: Annotated[Optional[float], typer.Option(help="Passes over the data instead of steps.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Routers' learning rate (default 3e-3).")] = None,
+    lora_steps: Annotated[Optional[int], typer.Option(help="LoRA steps (default --max-steps or 30).")] = None,
+    lora_lr: Annotated[Optional[float], typer.Option(help="LoRA learning rate (default 1e-3).")] = None,
+    lora_rank: Annotated[Optional[int], typer.Option(help="LoRA rank (default 8).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Rows per step, all processes (default 8).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Data order, holdout, init (default 0).")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="At most this many examples per dataset.")] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="Tokens per example (default 256).")] = None,
+    holdout: Annotated[Optional[int], typer.Option(help="Held out per dataset (default 32).")] = None,
+    resume: Annotated[bool, typer.Option(help="Go on from the last checkpoint.", show_default=False)] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out.", show_default=False)] = False,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch.")] = None,
+    dtype: Annotated[str, typer.Option(help="float32 (default), bfloat16 or float16.", show_default=False)] = "float32",
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda ... (default: accelerate's).")] = None,
 ) -> None:
     """Train routers on a frozen base model (then LoRA with --lora) into a run folder (train splits)."""
     from firstskip.train import train as train_run
@@ -395,9 +367,7 @@ def train(
     _set_threads(threads)
     options = dict(skip_target=skip_target, lam=lam, max_steps=max_steps, epochs=epochs, lr=lr, batch_size=batch_size,
                    seed=seed, limit=limit, max_length=max_length, holdout=holdout, lora_steps=lora_steps,
-                   lora_lr=lora_lr, lora_rank=lora_rank, device=device, pooling=pooling,
-                   prefixes=prefixes, distill=distill, lora_distill=lora_distill, row_tokens=row_tokens,
-                   on_policy=on_policy, leave_one_out=leave_one_out, secant=secant, static=static)
+                   lora_lr=lora_lr, lora_rank=lora_rank, device=device, static=static)
     fsm = train_run(model, data, out, lora=lora, merge=merge, resume=resume, overwrite=overwrite, dtype=dtype,
                     **{k: v for k, v in options.items() if v is not None})
     typer.echo(json.dumps({"run": str(out), "threshold": fsm.config.threshold,

@@ -8,7 +8,7 @@ as at inference. The two-piece pass of phase 1 left-pads the prompts, as the eng
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -40,8 +40,8 @@ def gated_forward(model: nn.Module, controller: SkipController, batch: Batch,
 
 def prompt_then_response(model: nn.Module, controller: SkipController, routers: RouterBank, batch: Batch,
                          make_gate: Callable[[torch.Tensor], GateFn], share: torch.Tensor | None = None,
-                         distill: bool = False, prompt_grad: bool = False, own_path: torch.Tensor | None = None,
-                         eos: Sequence[int] = ()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                         distill: bool = False, prompt_grad: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``(response CE summed per row [B], probs [B, L], KL summed per row [B] or None)``: the CE and probs
     as `gated_forward` gives them, far cheaper to differentiate.
 
@@ -49,18 +49,13 @@ def prompt_then_response(model: nn.Module, controller: SkipController, routers: 
     depend on all of them, e.g. a threshold that meets a skip target on the batch). ``share`` [B]:
     the routers pool only that share of each prompt (`RouterBank.keep_probability`). ``distill``:
     also KL(ungated || gated) of the response positions' next-token distributions (the teacher is the
-    same model with every layer, run on a fork of the prompt's cache). ``own_path`` [B] bool: these
-    rows' responses are the gated model's own greedy continuation instead of the reference (at most as
-    many tokens, ending at the first of ``eos``), decoded under the gates ``make_gate`` returns, as
-    inference decodes under a skip set; their CE is 0 (it would fit the model to its own output), so
-    they train through the KL alone (``distill`` must be on).
+    same model with every layer, run on a fork of the prompt's cache).
 
     Prompt tokens never pass a gate. For a frozen base (phase 1) their states and keys/values do not
     depend on the routers: the prompt runs once without autograd (a prefill into a KV cache that
     keeps each layer's input), the routers score those inputs with autograd, and only the response
     tokens, typically a tenth of a row, run forward and backward on top of the cache. With
-    ``prompt_grad`` (phase 2: LoRA changes the prompt's states too) the prompt keeps its graph, and
-    the teacher costs the response tokens alone.
+    ``prompt_grad`` (phase 2: LoRA changes the prompt's states too) the prompt keeps its graph.
     """
     prompt_ids, prompt_mask, first_labels, response_ids, response_mask, labels = _split_rows(batch)
     positions = (prompt_mask.long().cumsum(-1) - 1).clamp_min(0)
@@ -75,10 +70,6 @@ def prompt_then_response(model: nn.Module, controller: SkipController, routers: 
     ce_first = response_ce(out.logits, first_labels[:, None], per_row=True)  # from the prompt: ungated
     gate_fn = make_gate(probs)
     gates = lambda layer, _: gate_fn(layer, probs[:, layer])  # noqa: E731  (the batch's p, not the pass's)
-    if own_path is not None and bool(own_path.any()):
-        path = greedy_path(model, controller, cache, gates, out.logits[:, -1], prompt_mask, positions,
-                           response_mask.sum(-1) * own_path, eos)
-        response_ids, response_mask, labels = _with_rows(own_path, path, (response_ids, response_mask, labels))
     steps = torch.arange(1, response_ids.shape[1] + 1, device=positions.device)
     response = {"input_ids": response_ids, "attention_mask": torch.cat([prompt_mask, response_mask], -1).long(),
                 "position_ids": positions[:, -1:] + steps}
@@ -90,39 +81,7 @@ def prompt_then_response(model: nn.Module, controller: SkipController, routers: 
         logits = model(**response, **cache_kwargs(model, cache)).logits
     kl = None if teacher is None else response_kl(logits, teacher, labels)
     ce = ce_first + response_ce(logits, labels, per_row=True)
-    return (ce if own_path is None else ce.masked_fill(own_path, 0.0)), probs, kl
-
-
-@torch.no_grad()
-def greedy_path(model: nn.Module, controller: SkipController, cache: DynamicCache, gates: GateFn,
-                first_logits: torch.Tensor, prompt_mask: torch.Tensor, positions: torch.Tensor,
-                limit: torch.Tensor, eos: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each row's greedy continuation of its prompt under ``gates``, decoded on a fork of the prompt's
-    cache: ``(ids, mask, labels)`` [B, max(limit)], at most ``limit`` [B] tokens a row, ending at its
-    first EOS; labels are the next tokens (-100 past the end), as `_split_rows` gives a reference's.
-
-    The first token comes from the prompt's last position, which no gate touches (a full prefill).
-    """
-    tokens, mask, fork = [first_logits.argmax(-1)], prompt_mask.long(), _fork(cache)
-    with controller.mode_ctx("train", prompt_mask=torch.zeros_like(prompt_mask[:, :1]), gate_fn=gates):
-        for step in range(1, int(limit.max())):
-            mask = torch.cat([mask, mask.new_ones(len(mask), 1)], -1)
-            logits = model(input_ids=tokens[-1][:, None], attention_mask=mask, position_ids=positions[:, -1:] + step,
-                           **cache_kwargs(model, fork)).logits
-            tokens.append(logits[:, -1].argmax(-1))
-    ids = torch.stack(tokens, -1)
-    index = torch.arange(ids.shape[1], device=ids.device)
-    is_eos = torch.isin(ids, torch.tensor(list(eos), dtype=ids.dtype, device=ids.device))
-    valid = (is_eos.long().cumsum(-1) - is_eos.long() == 0) & (index < limit[:, None])  # up to the first EOS
-    labels = torch.where(F.pad(valid[:, 1:], (0, 1)), F.pad(ids[:, 1:], (0, 1)), -100)
-    return ids.masked_fill(~valid, 0), valid, labels
-
-
-def _with_rows(rows: torch.Tensor, new: tuple[torch.Tensor, ...], old: tuple[torch.Tensor, ...]
-               ) -> tuple[torch.Tensor, ...]:
-    """``old``'s (ids, mask, labels) [B, R] with ``rows`` taken from ``new``'s [B, R'] (R' <= R), padded alike."""
-    return tuple(torch.where(rows[:, None], F.pad(n, (0, o.shape[1] - n.shape[1]), value=pad), o)
-                 for n, o, pad in zip(new, old, (0, False, -100)))
+    return ce, probs, kl
 
 
 def _fork(cache: DynamicCache) -> DynamicCache:

@@ -37,24 +37,11 @@ from firstskip.train.passes import hard_gate, prompt_keep_probs, prompt_then_res
 class RouterTraining(LoopSettings):
     """Phase 1 settings. Defaults are the measured smollm2-135m recipe (docs/training.md).
 
-    The fit term is the response loss per token; ``row_tokens`` caps how many tokens' worth a row
-    weighs: a row of T response tokens counts min(T, row_tokens) (its token losses scaled by
-    min(T, row_tokens) / T). ``row_tokens=1`` is each row's mean token loss averaged over rows, which
-    moved skips from yes/no answers to summaries and cost more on them; 16 let short summaries weigh
-    as much as long ones and did not lift SAMSum's ratio over three seeds (docs/training.md).
-    Two regularisers pull towards skipping; exactly one is active:
+    The fit term is the response loss per token over the batch. Two regularisers pull towards skipping; exactly one is active:
     - λ mode (``skip_target`` None): ``lam * R``, R = mean keep-probability of skippable layers;
     - target mode: ``target_weight * (R - r*)**2`` with ``r* = 1 - skip_target * L / S``: the mean
       keep-probability at which skipping S(1 - R) of the S skippable layers skips ``skip_target``
       of all L layers (protected layers count as kept).
-    ``leave_one_out``: in target mode, each row's penalty gradient takes the mean keep-probability of
-    the batch's *other* rows. The gradient of the batch's ``(R - r*)**2`` raises the price of keeping a
-    layer for a row that keeps more than the mean (its own keep raises the batch mean it pays on), by
-    ``(its mean - the batch's) / B``: in expectation it penalises the batch mean's variance, which
-    prompts that differ create, and so pushes skips from cheap rows (yes/no) to dear ones (summaries).
-    Leaving the row out gives every row the gradient of ``(E[R] - r*)**2``, the target on the data.
-    Measured, the correction is small (the tasks' keep-probabilities lie close together) and did not
-    lift SAMSum's ratio over three seeds (docs/training.md).
     ``polarize * mean p(1 - p)`` pushes each p towards 0 or 1. From step ``hard_from * steps`` on,
     gates are hard ones: forward 1[p >= tau], gradient through ``secant`` (below), with tau = the
     config's threshold in λ mode and, in target mode, the threshold that meets the target on the
@@ -67,19 +54,14 @@ class RouterTraining(LoopSettings):
     ``distill``: the weight of KL(the frozen model with every layer || the gated one) per response
     token, added to the fit term. The CE sees only the reference token's probability; the KL sees the
     whole next-token distribution a skipped layer moves, which greedy decoding follows (docs/training.md).
-    ``on_policy``: in the hard stage, the share of rows whose response is the gated model's own greedy
-    continuation under its hard skip set (at most the reference's length), trained on that KL alone:
-    teacher-forced on references, a skipped layer that sends greedy decoding elsewhere after a few
-    tokens costs little; on the path inference takes, the KL sees where it goes. At 0.5 it did not
-    lift SAMSum's ratio over three seeds (docs/training.md). The logged ``ce`` counts those rows as 0.
     ``secant`` (default 4): in the hard stage, the number of gates per row that run at a uniform random
     value in (0, 1) and alone carry the fit's gradient to p, scaled by S / secant (S skippable layers).
     The slope at a uniform point averages to L(keep) - L(skip), the cost of the decision itself. The
     straight-through slope at the hard value (``secant=0``) is the tangent there, near 0 for a kept
     layer however dear it is to skip, so the penalty pulls such a layer down to tau and keeps it there.
     Measured over three seeds: the same SAMSum ratio to LoRA-only, with more of the skips on the
-    summaries, where decoding is long, and fewer on yes/no answers (docs/training.md). Own-path rows
-    (``on_policy``) are decoded under hard gates, so the two do not combine.
+    summaries, where decoding is long, and fewer on yes/no answers (docs/training.md).
+    Variants measured to give nothing were removed; they are logged in docs/experiments/.
     """
 
     steps: int | None = 120
@@ -90,17 +72,13 @@ class RouterTraining(LoopSettings):
     polarize: float = 0.1
     hard_from: float | None = 0.7
     hard_threshold: float | None = None  # None: as described above; a number: always that threshold
-    row_tokens: int | None = None  # a row's loss weighs at most this many tokens' worth (None: per token)
     prefixes: float = 0.5
     min_prefix: float = 0.1  # of the prompt's pooled tokens
     distill: float = 3.0  # weight of KL(base with every layer || gated) per response token, added to the CE
-    on_policy: float = 0.0  # share of hard-stage rows trained on their own greedy path (KL only)
-    leave_one_out: bool = False  # target mode: a row's penalty gradient from the other rows' mean keep
     secant: int = 4  # hard stage: gates per row at a random value whose slope alone trains p (0: straight-through)
-    before_they_existed: ClassVar[dict[str, Any]] = {"prefixes": 0.0, "min_prefix": 0.1, "distill": 0.0,
-                                                     "row_tokens": None, "on_policy": 0.0, "leave_one_out": False,
-                                                     "secant": 0}
-    no_longer_used: ClassVar[dict[str, Any]] = {"per_example": False}  # per_example=True is row_tokens=1
+    before_they_existed: ClassVar[dict[str, Any]] = {"prefixes": 0.0, "min_prefix": 0.1, "distill": 0.0, "secant": 0}
+    no_longer_used: ClassVar[dict[str, Any]] = {"per_example": False, "row_tokens": None, "on_policy": 0.0,
+                                                "leave_one_out": False}
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -115,16 +93,8 @@ class RouterTraining(LoopSettings):
             raise FirstSkipError(f"hard_from must lie in [0, 1], got {self.hard_from}")
         if self.hard_threshold is not None and not 0 < self.hard_threshold < 1:
             raise FirstSkipError(f"hard_threshold must lie in (0, 1), got {self.hard_threshold}")
-        if not 0 <= self.on_policy <= 1 or (self.on_policy and not self.distill):
-            raise FirstSkipError(f"on_policy must lie in [0, 1] and needs distill > 0 (its rows train on the KL "
-                                 f"alone), got on_policy={self.on_policy}, distill={self.distill}")
-        if self.leave_one_out and self.skip_target is None:
-            raise FirstSkipError("leave_one_out prices rows against a skip target; give --skip-target too")
-        if self.secant < 0 or (self.secant and self.on_policy):
-            raise FirstSkipError(f"secant must be >= 0, and on_policy needs secant=0 (--secant 0: own paths are "
-                                 f"decoded under hard gates), got secant={self.secant}, on_policy={self.on_policy}")
-        if self.row_tokens is not None and self.row_tokens < 1:
-            raise FirstSkipError(f"row_tokens must be at least 1 (None: per token), got {self.row_tokens}")
+        if self.secant < 0:
+            raise FirstSkipError(f"secant must be >= 0, got {self.secant}")
 
     def target_keep(self, config: FirstSkipConfig) -> float | None:
         """r*, the mean keep-probability of skippable layers that meets ``skip_target`` (None in λ mode)."""
@@ -147,7 +117,6 @@ class RouterObjective(nn.Module):
         self.config, self.settings = fsm.config, settings
         self.skippable = fsm.config.skippable
         self.target = settings.target_keep(fsm.config)
-        self.eos = fsm.eos_token_ids
         self._tau: float | None = None  # last batch's target threshold, for the log
 
     def hard(self, info: StepInfo) -> bool:
@@ -156,11 +125,10 @@ class RouterObjective(nn.Module):
     def forward(self, batch: Batch, info: StepInfo) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         ce, probs, kl = prompt_then_response(self.model, self.controller, self.routers, batch,
                                              lambda probs: self._gate(probs, info), self._shares(info),
-                                             self.settings.distill > 0, own_path=self._own_path(info), eos=self.eos)
+                                             self.settings.distill > 0)
         kl = torch.zeros_like(ce) if kl is None else kl
         fit_rows = ce + self.settings.distill * kl
         tokens = (batch.labels != -100).sum(-1)
-        weights = self._row_weights(tokens)
         p = probs[:, self.skippable]
         count = info.rows * len(self.skippable)  # global: sums over rows and layers divide by this
         keep_sum, polar_sum = p.sum(), (p * (1 - p)).sum()
@@ -170,27 +138,16 @@ class RouterObjective(nn.Module):
             # d/dp of w (mean - r*)^2 needs the mean over the *global* batch; with it as a constant,
             # this term has exactly that gradient on every process.
             mean = info.reduce(keep_sum.detach()) / count
-            if self.settings.leave_one_out and info.rows > 1:  # each row's price from the batch's other rows
-                rows = p.sum(-1)
-                others = (mean * count - rows.detach()) / (count - len(self.skippable))
-                reg = 2 * self.settings.target_weight * ((others - self.target) * rows).sum() / count
-            else:
-                reg = 2 * self.settings.target_weight * (mean - self.target) * keep_sum / count
-        fit = (fit_rows * weights).sum() / info.reduce((tokens * weights).sum())
+            reg = 2 * self.settings.target_weight * (mean - self.target) * keep_sum / count
+        fit = fit_rows.sum() / info.tokens
         loss = fit + reg + self.settings.polarize * polar_sum / count
         ce, kl = ce.detach(), kl.detach()
         stats = {"ce": ce.sum(), "kl": kl.sum(), "ce_example": (ce / tokens).sum(),
-                 "fit": (fit_rows.detach() * weights).sum(), "weight": (tokens * weights).sum(),
+                 "fit": fit_rows.detach().sum(),
                  "keep": probs.detach().sum(0),
                  "polar": polar_sum.detach(),
                  "skipped": (p.detach() < self.config.threshold).sum().float()}
         return loss, stats
-
-    def _row_weights(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Per row, min(T, row_tokens) / T: the factor on its summed token losses."""
-        if self.settings.row_tokens is None:
-            return torch.ones_like(tokens, dtype=torch.float32)
-        return tokens.clamp(max=self.settings.row_tokens) / tokens
 
     def _shares(self, info: StepInfo) -> torch.Tensor | None:
         """Each local row's share of its prompt the routers read."""
@@ -199,13 +156,6 @@ class RouterObjective(nn.Module):
         picked, fraction = self._draw(info, 2)
         low = self.settings.min_prefix
         return torch.where(picked < self.settings.prefixes, low + (1 - low) * fraction, torch.ones_like(fraction))
-
-    def _own_path(self, info: StepInfo) -> torch.Tensor | None:
-        """Which local rows train on their own greedy path (hard stage only: before it, the gated
-        model is a blend that inference never runs)."""
-        if not (self.settings.on_policy and self.hard(info)):
-            return None
-        return self._draw(info, 1, salt=1 << 32)[0] < self.settings.on_policy
 
     def _draw(self, info: StepInfo, n: int, salt: int = 0) -> torch.Tensor:
         """[n, local rows] uniforms drawn for the global batch from (seed, step, salt), so the draws do
@@ -246,7 +196,7 @@ class RouterObjective(nn.Module):
         keep = float(per_layer[self.skippable].mean())
         ce, kl = (float(stats[key]) / info.tokens for key in ("ce", "kl"))
         ce_example = float(stats["ce_example"]) / info.rows
-        fit = float(stats["fit"]) / float(stats["weight"])
+        fit = float(stats["fit"]) / info.tokens
         if self.target is None:
             reg = self.settings.lam * keep
         else:
@@ -320,13 +270,10 @@ class LoraTraining(LoopSettings):
     alpha: float = 16.0
     dropout: float = 0.0
     targets: list[str] | None = None
-    distill: float = 0.0  # weight of KL(the adapted model with every layer || the skipping one) per response token
-    before_they_existed: ClassVar[dict[str, Any]] = {"distill": 0.0}
+    no_longer_used: ClassVar[dict[str, Any]] = {"distill": 0.0}
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.distill < 0:
-            raise FirstSkipError(f"LoRA distill must be >= 0, got {self.distill}")
         if self.rank < 1:
             raise FirstSkipError(f"LoRA rank must be at least 1, got {self.rank}")
         if not 0 <= self.dropout < 1:
@@ -336,18 +283,12 @@ class LoraTraining(LoopSettings):
 
 
 class LoraObjective(nn.Module):
-    """CE on response tokens with each row's hard skip set, decided as inference decides it.
-
-    ``distill`` adds KL(the same adapted model with every layer || the skipping one): LoRA then
-    learns to make the skipping model agree with the adapted full one (what FiRST is measured
-    against), not only to fit the references. The teacher extends a fork of the prompt's cache, so
-    it costs a forward pass of the response tokens alone.
-    """
+    """CE on response tokens with each row's hard skip set, decided as inference decides it."""
 
     def __init__(self, fsm: FirstSkipModel, peft_model: nn.Module, settings: LoraTraining) -> None:
         super().__init__()
         self.model, self.controller, self.config = peft_model, fsm.engine.controller, fsm.config
-        self.routers, self.distill = fsm.routers, settings.distill
+        self.routers = fsm.routers
         # The prompt runs before the response, so every p_l is known before any layer is gated and
         # the decisions come from the training pass itself; but LoRA dropout perturbs the prompt's
         # states, so with it the decisions need a separate scoring pass in eval mode, as inference.
@@ -361,17 +302,14 @@ class LoraObjective(nn.Module):
             used.append(decide(probs.detach() if scored is None else scored, self.config))
             return hard_gate(used[0])
 
-        ce, probs, kl = prompt_then_response(self.model, self.controller, self.routers, batch, make_gate,
-                                             distill=self.distill > 0, prompt_grad=True)
-        ce, kl = ce.sum(), torch.zeros_like(ce.sum()) if kl is None else kl.sum()
-        return (ce + self.distill * kl) / info.tokens, {"ce": ce.detach(), "kl": kl.detach(),
-                                                        "keep": probs.detach().sum(0), "skipped": used[0].sum().float()}
+        ce, probs, _ = prompt_then_response(self.model, self.controller, self.routers, batch, make_gate,
+                                            prompt_grad=True)
+        ce = ce.sum()
+        return ce / info.tokens, {"ce": ce.detach(), "keep": probs.detach().sum(0), "skipped": used[0].sum().float()}
 
     def summarize(self, stats: dict[str, torch.Tensor], info: StepInfo) -> dict[str, Any]:
-        ce, kl = (float(stats[key]) / info.tokens for key in ("ce", "kl"))
         per_layer = stats["keep"] / info.rows
-        parts = {"ce": round(ce, 5), "kl": round(kl, 5)} if self.distill else {}
-        return {"loss": round(ce + self.distill * kl, 5), **parts,
+        return {"loss": round(float(stats["ce"]) / info.tokens, 5),
                 "keep": round(float(per_layer[self.config.skippable].mean()), 4),
                 "skip": round(float(stats["skipped"]) / (info.rows * self.config.num_layers), 4),
                 "keep_per_layer": [round(float(v), 4) for v in per_layer]}

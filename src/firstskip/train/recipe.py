@@ -40,11 +40,8 @@ def train(model: str, data: Sequence[str], out: str | os.PathLike, *, skip_targe
           epochs: float | None = None, lr: float | None = None, batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0,
           limit: int | None = None, max_length: int = DEFAULT_MAX_LENGTH, holdout: int = DEFAULT_HOLDOUT,
           lora_steps: int | None = None, lora_lr: float | None = None, lora_rank: int | None = None,
-          pooling: str | None = None, prefixes: float | None = None, distill: float | None = None,
-          lora_distill: float | None = None, row_tokens: int | None = None, on_policy: float | None = None,
-          leave_one_out: bool | None = None, secant: int | None = None, static: str | None = None,
-          resume: bool = False, overwrite: bool = False, dtype: str = "float32", device: str | None = None,
-          progress: bool = True) -> FirstSkipModel:
+          static: str | None = None, resume: bool = False, overwrite: bool = False, dtype: str = "float32",
+          device: str | None = None, progress: bool = True) -> FirstSkipModel:
     """Train routers (and LoRA) on one or more datasets into the run folder ``out``.
 
     Args:
@@ -65,21 +62,6 @@ def train(model: str, data: Sequence[str], out: str | os.PathLike, *, skip_targe
         holdout: examples per dataset kept out of training for calibration (target mode).
         lora_steps: optimizer steps of phase 2 (default: ``max_steps`` if given).
         lora_lr: LoRA learning rate; lora_rank: LoRA rank.
-        pooling: how routers pool the prompt, ``mean``, ``mean-all`` or ``last`` (default: ``mean``,
-            see `RouterBank.keep_probability`); a resumed run keeps its own.
-        prefixes: share of phase-1 rows whose routers read a random start of the prompt only
-            (`RouterTraining.prefixes`).
-        distill: weight of phase 1's KL term from the model with every layer (`RouterTraining.distill`).
-        lora_distill: weight of phase 2's KL term from the adapted model with every layer
-            (`LoraTraining.distill`).
-        row_tokens: phase 1 weighs a row's loss at most this many response tokens' worth
-            (`RouterTraining.row_tokens`; 0: per token).
-        on_policy: share of phase 1's hard-stage rows trained on their own greedy path
-            (`RouterTraining.on_policy`).
-        leave_one_out: price each phase-1 row's keep from the other rows' mean
-            (`RouterTraining.leave_one_out`).
-        secant: gates per row whose random-point slope trains phase 1's hard stage
-            (`RouterTraining.secant`).
         static: a static-set run instead of routers, the fair rival of FiRST: LoRA (phase 2, same
             settings) trained under one skip set that every prompt uses. ``shortgpt``, ``uls``,
             ``last`` or ``random`` with k = round(skip_target x layers); ``layers:3,4,5``; ``none`` for a
@@ -98,18 +80,14 @@ def train(model: str, data: Sequence[str], out: str | os.PathLike, *, skip_targe
     if dtype in WEIGHT_FORMATS:
         raise FirstSkipError(f"training needs float weights; {dtype} is for generate, eval, bench and serve")
     length = {"steps": None, "epochs": epochs} if epochs is not None else _given(steps=max_steps)
-    routers_settings = RouterTraining(**length, **_given(lr=lr, lam=lam, prefixes=prefixes, distill=distill,
-                                                           on_policy=on_policy, leave_one_out=leave_one_out,
-                                                           secant=secant),
-                                      **({} if row_tokens is None else {"row_tokens": row_tokens or None}),
-                                      batch_size=batch_size, seed=seed, skip_target=skip_target)
+    routers_settings = RouterTraining(**length, **_given(lr=lr, lam=lam), batch_size=batch_size, seed=seed,
+                                      skip_target=skip_target)
     lora_length = _given(steps=lora_steps) or length
-    lora_settings = LoraTraining(**lora_length, **_given(lr=lora_lr, rank=lora_rank, distill=lora_distill),
-                                 batch_size=batch_size, seed=seed)
+    lora_settings = LoraTraining(**lora_length, **_given(lr=lora_lr, rank=lora_rank), batch_size=batch_size, seed=seed)
     _prepare_out(out, resume, overwrite)  # only once every setting is valid: --overwrite must not lose a run to a typo
     routed = static is None
     held_out, examples = split_examples(data, seed, holdout if skip_target is not None and routed else 0, limit)
-    fsm = _load(model, out, resume, seed, dtype, device, **_given(router_pooling=pooling))
+    fsm = _load(model, out, resume, seed, dtype, device)
     if fsm.tokenizer is None:
         raise FirstSkipError(f"{model} has no tokenizer, so text data cannot be encoded; train on token ids with "
                              "firstskip.train.train_routers instead")
@@ -225,15 +203,13 @@ def split_examples(specs: Sequence[str], seed: int, holdout: int, limit: int | N
     return mix_examples(held, seed), mix_examples(train, seed)
 
 
-def _load(model: str, out: Path, resume: bool, seed: int, dtype: str, device: str | None,
-          **fresh: object) -> FirstSkipModel:
-    """The base model (with the config fields ``fresh``), or the run so far when resuming after a
-    finished phase."""
+def _load(model: str, out: Path, resume: bool, seed: int, dtype: str, device: str | None) -> FirstSkipModel:
+    """The base model, or the run so far when resuming after a finished phase."""
     if device is None:
         device = str(process_state().device)  # under `accelerate launch`, this process's device
     if not (resume and (out / artifacts.CONFIG_NAME).is_file()):
         torch.manual_seed(seed)  # the routers' first layers are drawn at random
-        return FirstSkipModel.from_base(model, dtype=dtype, device=device, **fresh)
+        return FirstSkipModel.from_base(model, dtype=dtype, device=device)
     config = artifacts.load_config(out)
     if config.base_model != model_reference(model):
         raise FirstSkipError(f"{out} was trained on {config.base_model}, not {model}; pass --model {config.base_model}")
