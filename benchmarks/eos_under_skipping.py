@@ -1,8 +1,8 @@
 """Does skipping raise the end-of-sequence probability on the reference's own path?
 
-FiRST's summaries on some seeds stop early under greedy decoding (docs/training.md). This asks
-whether that shows up teacher-forced, where the phase-1 loss would see it: for the first --limit
-test items, at every response position whose label is not EOS, the mean probability of EOS and the
+FiRST's summaries on some seeds stop early under greedy decoding
+(docs/experiments/2026-11-24-issue3-recipe.md). This asks whether that shows up teacher-forced,
+where the phase-1 loss would see it: for the first --limit test items, at every response position whose label is not EOS, the mean probability of EOS and the
 number of positions where EOS is the argmax, with no layer skipped and with the skip set FiRST used
 on that item in an evaluation (read from its predictions; no routers run here). Reproduce:
     python benchmarks/eos_under_skipping.py --run runs/mix25-p50s2 --eval out/eval/mix25-p50s2 \

@@ -1,6 +1,6 @@
 """Does a layer's skip decision follow the prompt's length? Per layer, on test prompts.
 
-Reproduce (docs/training.md, "Capping a row's tokens"):
+Reproduce (docs/experiments/2026-11-25-distillation-and-row-tokens.md, "Capping a row's tokens"):
     python benchmarks/keep_by_length.py --run runs/v0 --data ../shared/data/samsum --layers 3 4 5 19 22 25
 
 For each listed layer: the share of the first --limit test prompts that skip it at the run's

@@ -1,7 +1,7 @@
 """Where FiRST loses quality: per-item score differences grouped by how many layers FiRST skipped.
 
 Reads the predictions an evaluation already wrote (no model is run). Reproduce the SAMSum analysis
-in docs/training.md (out/eval/l60 is written by the command there):
+in docs/experiments/2026-11-24-issue3-recipe.md (out/eval/l60 is written by the command there):
     python benchmarks/loss_by_skip_count.py --eval out/eval/l60 --data ../shared/data/samsum --limit 100
 
 For each group of items (by FiRST's skip count, in bins of --bin layers): how many items, the mean

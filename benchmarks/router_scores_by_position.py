@@ -1,4 +1,4 @@
-"""How a run's routers score prompt tokens by their place in the prompt (docs/training.md, "Prefixes").
+"""How a run's routers score prompt tokens by their place in the prompt (docs/experiments/2026-11-24-issue3-recipe.md, "Prefixes").
 
 For the first --limit test prompts of each dataset: every token's keep score (the router's sigmoid,
 averaged over the skippable layers), for the tokens the routers pool (the chat template's fixed

@@ -1,6 +1,7 @@
 """What a trained run skips, per dataset, on test prompts; and what it costs in teacher-forced loss.
 
-Reproduce (the numbers in docs/training.md; runs/mix25 is trained by benchmarks/issue4_smollm2.sh):
+Reproduce (the numbers in docs/experiments/2026-11-24-issue3-recipe.md; runs/mix25 was trained at
+commit 91899c0, as benchmarks/issue4_smollm2.sh says):
     python benchmarks/skip_sets.py --run runs/mix25 --data ../shared/data/samsum --data ../shared/data/xsum \
         --data ../shared/data/boolq --data ../shared/data/sst2 --limit 100 --loss-items 16 \
         --out benchmarks/results/skip_sets_mix25.json --plot docs/img/layer_usage_mix25.png

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # A training recipe on seeds 0, 1 and 2: train each (issue 3's command plus FLAGS) into runs/NAMEsK, evaluate
 # LoRA-only and FiRST on 100 SAMSum test items into out/eval/NAMEsK, and print the table of
-# docs/training.md's recipe comparisons (per seed and summed over seeds). Finished runs and evaluations are
+# docs/experiments' recipe comparisons (per seed and summed over seeds). Finished runs and evaluations are
 # reused, so it can be stopped and started again.
-# Usage: bash benchmarks/three_seeds.sh NAME [FLAG ...]      e.g. bash benchmarks/three_seeds.sh sec4 --secant 4
+# Usage: bash benchmarks/three_seeds.sh NAME [FLAG ...]      e.g. bash benchmarks/three_seeds.sh sec4
+# (today's default recipe; runs/sec4sK were trained with it, docs/experiments/2026-11-30-on-policy-leave-one-out-secant.md)
 set -euo pipefail
 NAME=$1; shift
 D=../shared/data
