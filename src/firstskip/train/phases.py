@@ -37,7 +37,8 @@ from firstskip.train.passes import hard_gate, prompt_keep_probs, prompt_then_res
 class RouterTraining(LoopSettings):
     """Phase 1 settings. Defaults are the measured smollm2-135m recipe (docs/training.md).
 
-    The fit term is the response loss per token over the batch. Two regularisers pull towards skipping; exactly one is active:
+    The fit term is the response loss per token over the batch. Two regularisers pull towards
+    skipping; exactly one is active:
     - λ mode (``skip_target`` None): ``lam * R``, R = mean keep-probability of skippable layers;
     - target mode: ``target_weight * (R - r*)**2`` with ``r* = 1 - skip_target * L / S``: the mean
       keep-probability at which skipping S(1 - R) of the S skippable layers skips ``skip_target``
@@ -60,8 +61,8 @@ class RouterTraining(LoopSettings):
     straight-through slope at the hard value (``secant=0``) is the tangent there, near 0 for a kept
     layer however dear it is to skip, so the penalty pulls such a layer down to tau and keeps it there.
     Measured over three seeds: the same SAMSum ratio to LoRA-only, with more of the skips on the
-    summaries, where decoding is long, and fewer on yes/no answers (docs/training.md).
-    Variants measured to give nothing were removed; they are logged in docs/experiments/.
+    summaries, where decoding is long, and fewer on yes/no answers. These choices were measured, and
+    the variants that gave nothing were removed: docs/experiments/ logs both.
     """
 
     steps: int | None = 120
