@@ -157,11 +157,36 @@ def test_a_layer_reads_its_cache_as_a_view_of_the_pool_not_a_copy():
     batch = eng.new_batch()
     eng.join(batch, eng.prefill([prompt(6, 40), prompt(8, 41)]), Sampling(max_new_tokens=4))
     slots = batch.pool.layers[1]
-    view = _SlotsView(slots, _Group(None, torch.tensor([6, 8]), [6, 8]))
+    group = _Group(None, torch.tensor([6, 8]), [6, 8])
+    view = _SlotsView(slots, group, torch.ones(2, 1, 1, group.length, dtype=torch.bool))
     keys, values = view.update(torch.ones(2, slots.keys.shape[1], 1, slots.keys.shape[3]),
                                torch.ones(2, slots.values.shape[1], 1, slots.values.shape[3]))
     assert keys.data_ptr() == slots.keys.data_ptr() and values.data_ptr() == slots.values.data_ptr()
     assert bool((slots.keys[0, :, 6] == 1).all()) and bool((slots.keys[1, :, 8] == 1).all())
+
+
+def test_compiled_layer_steps_decode_as_eager_and_a_new_skip_set_compiles_nothing():
+    eng = engine(tiny("llama"))
+    jobs = [(prompt(12, 90), [2, 3]), (prompt(7, 91), [1])]
+    expected = [solo(eng, ids, 6, skip) for ids, skip in jobs]
+    together = eng.generate([ids for ids, _ in jobs], Sampling(max_new_tokens=6), [skip for _, skip in jobs])
+    assert eng.compile()
+    assert [solo(eng, ids, 6, skip) for ids, skip in jobs] == expected
+    assert eng.generate([ids for ids, _ in jobs], Sampling(max_new_tokens=6),
+                        [skip for _, skip in jobs]) == together  # a batch of rows that keep different layers
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    solo(eng, prompt(9, 92), 5, [0, 4])  # a skip set, prompt length and batch never seen
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
+def test_compiling_stays_eager_with_a_notice_where_it_cannot(monkeypatch, capsys):
+    assert not engine(tiny("gpt2")).compile()
+    assert "decoding eager: only Llama-layout layers" in capsys.readouterr().err
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    eng = engine(tiny("llama"))
+    assert not eng.compile()
+    assert "decoding eager: no C++ compiler found" in capsys.readouterr().err
+    assert solo(eng, prompt(6, 93), 4, [2])  # still decodes
 
 
 def test_decoding_never_calls_the_models_forward():

@@ -98,7 +98,7 @@ def speed_bound(num_layers: int, skip_sets: Sequence[Sequence[int]]) -> float:
 def run_bench(fsm: FirstSkipModel, skip: Sequence[int] | None, batch_size: int = 1, prompt_len: int = 256,
               new_tokens: int = 64, repeats: int = 5, warmup: int = 1, seed: int = 0,
               prompts: list[list[int]] | None = None, memory: str | None = None,
-              llamacpp: Sequence[str] = ()) -> dict[str, Any]:
+              llamacpp: Sequence[str] = (), compile: bool = False) -> dict[str, Any]:
     """Measure full / FiRST / pruned on random prompts (speed does not depend on token values) or
     on ``prompts`` (real ones, whose skip sets the routers choose).
 
@@ -106,7 +106,8 @@ def run_bench(fsm: FirstSkipModel, skip: Sequence[int] | None, batch_size: int =
     copy (only when every row chose the same set) deletes those layers. ``memory``: the model
     reference (``--model`` or ``--run``) to measure each variant's peak resident size in a
     process of its own. ``llamacpp``: GGUF types (``Q8_0`` ...) llama.cpp runs the base model at,
-    each a variant beside the others (batch 1; see `firstskip.llamacpp`).
+    each a variant beside the others (batch 1; see `firstskip.llamacpp`). ``compile``: the engines
+    decode through compiled layer steps (compiled during the warm-up).
     """
     if prompts is None:
         generator = torch.Generator().manual_seed(seed)
@@ -120,6 +121,7 @@ def run_bench(fsm: FirstSkipModel, skip: Sequence[int] | None, batch_size: int =
     variants = [Variant("full", fsm.engine, [[]] * batch_size), Variant("first", fsm.engine, first_skip, skip is None)]
     if shared is not None:
         variants.append(Variant("pruned", _pruned_engine(fsm, shared), None))
+    compiled = compile and all(v.engine.compile() for v in variants)
     variants += [_llamacpp_variant(fsm, kind, prompts, new_tokens) for kind in llamacpp]
     for _ in range(warmup):
         for v in variants:
@@ -152,7 +154,7 @@ def run_bench(fsm: FirstSkipModel, skip: Sequence[int] | None, batch_size: int =
         "base_model": fsm.config.base_model, "skip": list(skip) if skip is not None else shared,
         "skip_sets": sets, "batch_size": batch_size, "prompt_lens": sorted({len(p) for p in prompts}),
         "new_tokens": new_tokens, "repeats": repeats, "device": str(fsm.engine.device),
-        "dtype": weight_format(fsm.model), "threads": torch.get_num_threads(),
+        "dtype": weight_format(fsm.model), "compiled": compiled, "threads": torch.get_num_threads(),
         "torch": torch.__version__, "machine": platform.machine(),
         "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }

@@ -11,6 +11,7 @@ that keep it, and a layer no request keeps does not run at all.
 from __future__ import annotations
 
 import functools
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,20 +29,21 @@ StopFn = Callable[[list[int]], bool]  # generated ids of one row -> stop now?
 
 class _SlotsView:
     """What one layer's attention sees as its cache during a step: ``update`` writes the new key and
-    value at each request's position in its slot and returns the slots' histories as views."""
+    value at each request's position in its slot and returns the slots' histories as views, as far
+    as the step's mask reaches (a tensor's shape, so a compiled step takes it symbolically)."""
 
-    def __init__(self, slots: LayerSlots, group: _Group) -> None:
-        self.slots, self.group = slots, group
+    def __init__(self, slots: LayerSlots, group: _Group, mask: torch.Tensor) -> None:
+        self.slots, self.group, self.mask = slots, group, mask
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, *args: Any, **kwargs: Any):
-        slots, group = self.slots, self.group
-        if group.single is not None:  # one row: a plain slice, no index arithmetic
+        slots, group, n, length = self.slots, self.group, keys.shape[0], self.mask.shape[-1]
+        if not torch.compiler.is_compiling() and group.single is not None:  # one row: a plain slice
             slots.keys[0, :, group.single] = keys[0, :, 0]
             slots.values[0, :, group.single] = values[0, :, 0]
-        else:
+        else:  # positions as a tensor: a compiled step does not specialise on them
             slots.keys[group.index, :, group.positions] = keys[:, :, 0]
             slots.values[group.index, :, group.positions] = values[:, :, 0]
-        return slots.keys[:group.n, :, :group.length], slots.values[:group.n, :, :group.length]
+        return slots.keys[:n, :, :length], slots.values[:n, :, :length]
 
 
 class _Group:
@@ -97,8 +99,9 @@ class LayerStack:
     def __init__(self, model: nn.Module, inner: Sequence[Callable]) -> None:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft wrapper
         family, config = family_of(base), base.config
-        if family.layer_step == "llama":
-            self.layers = [functools.partial(llama_layer, layer) for layer in decoder_layers(base)]
+        self.modules = decoder_layers(base) if family.layer_step == "llama" else None
+        if self.modules is not None:
+            self.layers = [functools.partial(llama_layer, layer) for layer in self.modules]
         else:  # each layer's own forward, past any skipping wrapper
             self.layers = list(inner)
         self.embed = base.get_submodule(family.embed)
@@ -112,6 +115,18 @@ class LayerStack:
         self.windows = [k.get("sliding_window") for k in kwargs]
         self.additive_mask = config._attn_implementation == "eager"  # eager attention adds its mask
         self.cache_key = "cache" if family.layer_step == "llama" else cache_keyword(type(decoder_layers(base)[0]))
+
+    def compile(self) -> str | None:
+        """Compile the layer step (regional ``torch.compile``): one program for every layer, with
+        the weights, rows and history length as inputs, so a skip set or batch never seen before
+        runs without compiling. Returns why it stays eager, or None once compiled."""
+        if self.modules is None:
+            return "only Llama-layout layers (Llama, Mistral, Qwen2, Qwen3) decode compiled"
+        if self.embed.weight.device.type == "cpu" and not any(map(shutil.which, ("g++", "c++", "clang++"))):
+            return "no C++ compiler found for torch.compile"
+        step = torch.compile(llama_layer, dynamic=True)
+        self.layers = [functools.partial(step, layer) for layer in self.modules]
+        return None
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, pool: KVPool,
                  plan: Sequence[tuple[int, torch.Tensor | None, list[int]]]) -> torch.Tensor:
@@ -133,7 +148,8 @@ class LayerStack:
             if window not in group.masks:
                 group.masks[window] = self._mask(group.positions, group.length, window, hidden.dtype)
             x = hidden if rows is None else hidden.index_select(0, rows)
-            kwargs = {"attention_mask": group.masks[window], self.cache_key: _SlotsView(pool.layers[layer], group)}
+            mask = group.masks[window]
+            kwargs = {"attention_mask": mask, self.cache_key: _SlotsView(pool.layers[layer], group, mask)}
             if tables is not None:
                 cos, sin = tables[self.types[layer]] if self.by_type else tables
                 kwargs["position_embeddings"] = (cos, sin) if rows is None else (cos[rows], sin[rows])
@@ -214,7 +230,8 @@ class Batch:
                 lengths[id(rows)] = [r.length for r in owners]
         plan = [(layer, rows, lengths[id(rows)]) for layer, rows, _ in self.plan()]
         logits = self.stack(tokens, positions, self.pool, plan)
-        greedy = logits.argmax(-1).tolist() if any(r.greedy for r in self.requests) else None
+        # argmax in float32: torch's bfloat16 argmax is about 3x slower on CPU, and the same token
+        greedy = logits.float().argmax(-1).tolist() if any(r.greedy for r in self.requests) else None
         ended = []
         for row, request in enumerate(self.requests):
             request.length += 1

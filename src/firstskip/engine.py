@@ -102,6 +102,14 @@ class Engine:
             _notice(f"{model.config.model_type}: decoding through the model's own forward (slower; "
                     "no joining a running batch)")
 
+    def compile(self) -> bool:
+        """Compile the decode loop's layer steps (on first use; tens of seconds, once per process).
+        Where that cannot be done, decoding stays eager with a one-line notice; returns which."""
+        why = "this family decodes through the model's own forward" if self.stack is None else self.stack.compile()
+        if why is not None:
+            _notice(f"decoding eager: {why}")
+        return why is None
+
     # -- prefill ---------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, prompts: Sequence[Sequence[int]], skip: Sequence[Sequence[int]] | None = None,
