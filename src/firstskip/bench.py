@@ -121,7 +121,8 @@ def run_bench(fsm: FirstSkipModel, skip: Sequence[int] | None, batch_size: int =
     variants = [Variant("full", fsm.engine, [[]] * batch_size), Variant("first", fsm.engine, first_skip, skip is None)]
     if shared is not None:
         variants.append(Variant("pruned", _pruned_engine(fsm, shared), None))
-    compiled = compile and all(v.engine.compile() for v in variants)
+    engines = {id(v.engine): v.engine for v in variants}.values()  # full and FiRST share one
+    compiled = compile and all([engine.compile() for engine in engines])
     variants += [_llamacpp_variant(fsm, kind, prompts, new_tokens) for kind in llamacpp]
     for _ in range(warmup):
         for v in variants:

@@ -474,13 +474,13 @@ def serve(
     typer.echo(f"loading {run or model} ...", err=True)
     fsm = load(model, run, dtype, device)
     fsm.set_decision(threshold=threshold, budget=budget)
-    if compile_:
-        fsm.engine.compile()
+    compiled = compile_ and fsm.engine.compile()
     name = served_model_name or (run.name if run is not None else model)
     srv = server(fsm, name, host, port, grace, max_batch_size=max_batch_size, max_queue=max_queue, api_key=api_key)
     cfg = fsm.config
     decision = f"budget {cfg.skip_ratio}" if cfg.decision == "budget" else f"threshold {cfg.threshold}"
-    typer.echo(f"firstskip serve: {name} ({cfg.num_layers} layers, {decision}, {dtype}) on http://{host}:{port}/v1 "
+    typer.echo(f"firstskip serve: {name} ({cfg.num_layers} layers, {decision}, {dtype}{', compiled' if compiled else ''}) "
+               f"on http://{host}:{port}/v1 "
                f"(batch {max_batch_size}, queue {max_queue}{', API key' if api_key else ''})", err=True)
     srv.run()
 

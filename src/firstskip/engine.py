@@ -103,12 +103,16 @@ class Engine:
                     "no joining a running batch)")
 
     def compile(self) -> bool:
-        """Compile the decode loop's layer steps (on first use; tens of seconds, once per process).
-        Where that cannot be done, decoding stays eager with a one-line notice; returns which."""
+        """Compile the decode loop's layer steps now (tens of seconds, once per process): a short
+        generation of one row and of two compiles both programs (one row, several). Where that
+        cannot be done, decoding stays eager with a one-line notice; returns which."""
         why = "this family decodes through the model's own forward" if self.stack is None else self.stack.compile()
         if why is not None:
             _notice(f"decoding eager: {why}")
-        return why is None
+            return False
+        for rows in (1, 2):
+            self.generate([[self.pad_token_id] * 4] * rows, Sampling(max_new_tokens=3), skip=[[]] * rows)
+        return True
 
     # -- prefill ---------------------------------------------------------------------------
     @torch.inference_mode()
