@@ -13,3 +13,5 @@ firstskip bench --model smollm2-135m --skip 10-17 --batch-size 8 --prompt-len 25
   --dtype int8 --compile --json > "$out/smollm2_skip10-17_b8_int8_compiled.json"
 python3 benchmarks/ratios.py "$out/smollm2_skip10-17_b8_int8_compiled.json"
 python3 benchmarks/compile_cost.py --dtype int8 --out "$out/compile_cost_int8.json"
+# The same with torch's on-disk compile cache empty, as on a fresh machine.
+TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python3 benchmarks/compile_cost.py --dtype int8 --out "$out/compile_cost_int8_cold.json"
