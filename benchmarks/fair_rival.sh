@@ -1,0 +1,130 @@
+#!/usr/bin/env bash
+# Issue 21, item 4: FiRST against ShortGPT + LoRA (a LoRA trained under ShortGPT's fixed set, same data, steps,
+# rank and seed) at equal token-weighted decode saving, SmolLM2-135M fp32, SAMSum + XSum + BoolQ, seeds 0-2.
+#
+#   runs/sec4sK            FiRST, the default recipe (skip target 0.25 per prompt), seed K
+#   runs/shortgptNNsK      ShortGPT's round(0.NN x 30) layers with a LoRA trained under them, seed K
+#                          (NN = 17: 5 layers, decode saving 0.167; NN = 30: 9 layers, 0.30)
+#   runs/sec4sK-wNN        a copy of runs/sec4sK (config copied, weights linked) calibrated on its held-out
+#                          training prompts to the rival's token-weighted saving (len(set) / 30), --snap 8
+#   out/eval/fair-sK-wNN   eval of LoRA-only, FiRST (the copy) and the rival of that budget, 100 test items
+#                          per task (LoRA-only's predictions of wNN=17 are reused for wNN=30: same weights)
+#
+# Stage `extras` (seed 0, budget 0.30): the oracle per-task set and snapped FiRST, then ULS + LoRA, then plain
+# LoRA (--static none), added to out/eval/fair-s0-w30.
+# Finished runs, calibrations and evaluations are reused, so it can be stopped and started again. One heavy job
+# at a time. Train flags are limited to -m --data --out --skip-target --lora --merge --seed --static --resume.
+#
+# Usage: [SEEDS="0 1 2"] bash benchmarks/fair_rival.sh [verdict|extras|tables] ...   (default: all three, in order)
+# Results: docs/results.md, docs/experiments/2026-12-06-fair-rival-seeds.md (SEEDS=0 ran; tables write
+# benchmarks/results/fair_rival_smollm2.json and fair_rival_pareto_sK.json).
+set -euo pipefail
+D=../shared/data
+DATA=(--data $D/samsum --data $D/xsum --data $D/boolq)
+EVAL_DATA=(-d $D/samsum -d $D/xsum -d $D/boolq)
+SEEDS=${SEEDS:-"0 1 2"}
+cd "$(dirname "$0")/.."
+# One torch thread: on the 2-core machine other jobs ran beside this one, and torch's two threads then waited
+# on each other at every parallel region (a ShortGPT + LoRA step took 75 s instead of about 9 s).
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
+log() { echo "[fair_rival $(date -u +%H:%M:%S)] $*"; }
+
+train() {  # train OUT FLAG...   (resumes an interrupted run)
+  local R=$1; shift
+  if [ ! -f "$R/model/config.json" ]; then
+    log "train $R $*"
+    firstskip train -m smollm2-135m "${DATA[@]}" --out "$R" --lora --merge "$@" $( [ -d "$R" ] && echo --resume )
+  fi
+}
+
+layers_of() { python -c "import json,sys; print(len(json.load(open(sys.argv[1]+'/config.json'))['static_skip']))" "$1"; }
+
+static_rival() {  # static_rival SPEC NN TARGET K EXPECTED_LAYERS
+  local R=runs/$1$2s$4
+  train "$R" --skip-target "$3" --static "$1" --seed "$4"
+  local n; n=$(layers_of "$R")
+  [ "$n" = "$5" ] || { echo "$R skips $n layers, expected $5" >&2; exit 1; }
+}
+
+calibrated_copy() {  # calibrated_copy K NN RIVAL: runs/sec4sK-wNN at the rival's saving
+  local SRC=runs/sec4s$1 C=runs/sec4s$1-w$2
+  local T; T=$(python -c "import json,sys; c=json.load(open(sys.argv[1]+'/config.json')); print(round(len(c['static_skip'])/c['num_layers'], 6))" "$3")
+  if [ ! -f "$C/.calibrated-$T" ]; then
+    log "calibrate $C --saving-target $T"
+    rm -rf "$C" "$C.tmp"
+    mkdir "$C.tmp"
+    cp "$SRC/config.json" "$SRC/train_log.jsonl" "$C.tmp/"
+    for f in model adapter routers.safetensors; do ln -s "$(pwd)/$SRC/$f" "$C.tmp/$f"; done
+    firstskip calibrate -r "$C.tmp" "${DATA[@]}" --saving-target "$T" --snap 8
+    mv "$C.tmp" "$C" && touch "$C/.calibrated-$T"
+  fi
+}
+
+has_methods() {  # has_methods EVAL m1,m2,...: its results.json holds every one of them on every dataset
+  python - "$1" "$2" <<'EOF'
+import json, sys
+from pathlib import Path
+p = Path(sys.argv[1]) / "results.json"
+if not p.is_file():
+    sys.exit(1)
+r = json.loads(p.read_text())
+want = sys.argv[2].split(",")
+ok = len(r["datasets"]) == 3 and all(any(m == w or m.startswith(w + ":") for m in ds["methods"])
+                                     for ds in r["datasets"].values() for w in want)
+sys.exit(0 if ok else 1)
+EOF
+}
+
+evaluate() {  # evaluate K NN METHODS CHECK RIVAL...
+  local K=$1 NN=$2 M=$3 CHECK=$4; shift 4
+  local O=out/eval/fair-s$K-w$NN
+  has_methods "$O" "$CHECK" && return 0
+  if [ "$NN" != 17 ] && [ -d out/eval/fair-s$K-w17/predictions ]; then  # same weights: reuse LoRA-only
+    for f in out/eval/fair-s$K-w17/predictions/*/lora-only.jsonl; do
+      local ds; ds=$(basename "$(dirname "$f")")
+      mkdir -p "$O/predictions/$ds"
+      [ -f "$O/predictions/$ds/lora-only.jsonl" ] || cp "$f" "$O/predictions/$ds/"
+    done
+  fi
+  local RIVALS=(); for r in "$@"; do RIVALS+=(--rival "$r"); done
+  log "eval $O $M ${RIVALS[*]}"
+  firstskip eval -r runs/sec4s$K-w$NN "${EVAL_DATA[@]}" --limit 100 --speed-items 0 --methods "$M" \
+    "${RIVALS[@]}" --out "$O"
+}
+
+verdict() {
+  for K in $SEEDS; do
+    train runs/sec4s$K --skip-target 0.25 --seed "$K"
+    static_rival shortgpt 17 0.167 "$K" 5
+    static_rival shortgpt 30 0.30 "$K" 9
+    calibrated_copy "$K" 17 runs/shortgpt17s$K
+    calibrated_copy "$K" 30 runs/shortgpt30s$K
+    evaluate "$K" 17 lora-only,first lora-only,first,shortgpt+lora runs/shortgpt17s$K
+    evaluate "$K" 30 lora-only,first lora-only,first,shortgpt+lora runs/shortgpt30s$K
+  done
+}
+
+extras() {  # seed 0, budget 0.30: the oracle and snapped FiRST (no training), then ULS + LoRA, then plain LoRA
+  local R=runs/shortgpt30s0 M=lora-only,first,oracle,first-snapped
+  evaluate 0 30 $M lora-only,first,shortgpt+lora,oracle,first-snapped $R
+  static_rival uls 30 0.30 0 9
+  evaluate 0 30 $M lora-only,first,shortgpt+lora,oracle,first-snapped,uls+lora $R runs/uls30s0
+  train runs/plain0s0 --static none --seed 0
+  evaluate 0 30 $M lora-only,first,shortgpt+lora,oracle,first-snapped,uls+lora,plain-lora $R runs/uls30s0 runs/plain0s0
+}
+
+tables() {
+  mkdir -p out/fair_rival
+  for K in $SEEDS; do
+    if has_methods out/eval/fair-s$K-w17 first && has_methods out/eval/fair-s$K-w30 first; then
+      python -m firstskip.evaluate.pareto out/eval/fair-s$K-w17 out/eval/fair-s$K-w30 --out out/fair_rival/pareto-s$K.png
+      cp out/fair_rival/pareto-s$K.json benchmarks/results/fair_rival_pareto_s$K.json
+    fi
+  done
+  python benchmarks/fair_rival_table.py --seeds $SEEDS --out benchmarks/results/fair_rival_smollm2.json
+}
+
+STAGES=("$@"); [ ${#STAGES[@]} -gt 0 ] || STAGES=(verdict extras tables)
+for s in "${STAGES[@]}"; do log "stage $s"; "$s"; done
+log done
