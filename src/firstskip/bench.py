@@ -107,7 +107,7 @@ def run_bench(fsm: FirstSkipModel, skip: Sequence[int] | None, batch_size: int =
     reference (``--model`` or ``--run``) to measure each variant's peak resident size in a
     process of its own. ``llamacpp``: GGUF types (``Q8_0`` ...) llama.cpp runs the base model at,
     each a variant beside the others (batch 1; see `firstskip.llamacpp`). ``compile``: the engines
-    decode through compiled layer steps (compiled during the warm-up).
+    decode through compiled layer steps (`Engine.compile`, before the warm-up).
     """
     if prompts is None:
         generator = torch.Generator().manual_seed(seed)
