@@ -235,7 +235,7 @@ def _model_row(row: dict) -> tuple[str, str, str, str]:
 EvalRunOpt = Annotated[Path, typer.Option("--run", "-r", help="A trained run folder (routers, and adapter/ or model/).")]
 DataOpt = Annotated[list[str], typer.Option(
     "--data", "-d", help="Dataset (repeatable): a folder with test.jsonl and train.jsonl, a .jsonl file, "
-                         "hf:NAME[:CONFIG][@SPLIT] or builtin:NAME.")]
+                         "hf:NAME[:CONFIG]\\[@SPLIT] or builtin:NAME.")]
 LimitOpt = Annotated[Optional[int], typer.Option(help="Use the first N test items of each dataset.")]
 ThresholdOpt = Annotated[Optional[float], typer.Option(help="FiRST keeps layer l iff its keep-probability >= this.")]
 BudgetOpt = Annotated[Optional[float], typer.Option(help="FiRST skips this fraction of layers instead (lowest first).")]
@@ -339,8 +339,7 @@ def inspect_(
              "The recipe and every option: docs/training.md.")
 def train(
     model: Annotated[str, typer.Option("--model", "-m", help="Base model: name, hub id, path.")],
-    data: Annotated[list[str], typer.Option(
-        "--data", "-d", help="Dataset, repeatable: folder, .jsonl, hf:NAME, builtin:NAME.")],
+    data: DataOpt,
     out: Annotated[Path, typer.Option("--out", "-o", help="The run folder to write.")],
     skip_target: Annotated[Optional[float], typer.Option(help="Fraction of layers to skip on average.")] = None,
     lam: Annotated[Optional[float], typer.Option("--lambda", help="λ mode instead of a target (λ = 0.01).")] = None,
@@ -361,7 +360,7 @@ def train(
     holdout: Annotated[Optional[int], typer.Option(help="Held out per dataset (default 32).")] = None,
     resume: Annotated[bool, typer.Option(help="Go on from the last checkpoint.", show_default=False)] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out.", show_default=False)] = False,
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch.")] = None,
+    threads: ThreadsOpt = None,
     dtype: Annotated[str, typer.Option(help="float32 (default), bfloat16 or float16.", show_default=False)] = "float32",
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda ... (default: accelerate's).")] = None,
 ) -> None:
