@@ -3,6 +3,7 @@
 
 Reproduce (nothing else running):
     python benchmarks/profile_step.py --dtype int8 --compile
+    python benchmarks/profile_step.py --dtype int4 --compile --run runs/sec4s0
 """
 
 from __future__ import annotations
@@ -20,8 +21,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="int8")
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--run", help="a trained run instead of the base model (its LoRA, in int4 beside the weights)")
     args = parser.parse_args()
-    engine = FirstSkipModel.from_base("smollm2-135m", dtype=args.dtype).engine
+    fsm = (FirstSkipModel.from_pretrained(args.run, dtype=args.dtype) if args.run
+           else FirstSkipModel.from_base("smollm2-135m", dtype=args.dtype))
+    engine = fsm.engine
     if args.compile:
         engine.compile()
     prompt = torch.randint(0, 49152, (256,), generator=torch.Generator().manual_seed(0)).tolist()

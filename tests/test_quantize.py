@@ -1,14 +1,18 @@
-"""Int8 weights: every linear layer of the decoder and the head runs on torch's int8 weight kernel,
-the skipping invariants still hold, and a run loads in int8 with its adapter merged first.
+"""Int8 and int4 weights: every linear layer of the decoder and the head runs on torch's weight-only
+kernels, the skipping invariants still hold, and a run loads quantized with its adapter merged first
+(int8) or beside the 4-bit weights (int4).
 
-Int8 changes the arithmetic, so outputs are compared with float32 by distance (the quality check on
+Quantizing changes the arithmetic, so outputs are compared with float32 by distance (the quality check on
 real data is `benchmarks/dtype_agreement.py` and `dtype_scores.py`), and with each other exactly.
 """
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -17,8 +21,9 @@ from firstskip.config import FirstSkipConfig
 from firstskip.engine import Engine, Sampling
 from firstskip.errors import FirstSkipError
 from firstskip.families import decoder_layers
-from firstskip.modeling import FirstSkipModel
-from firstskip.quantize import PACKED_ROWS, Int8Linear, quantize_int8
+from firstskip.artifacts import fingerprint
+from firstskip.modeling import FirstSkipModel, peft_quietly
+from firstskip.quantize import INT4_GROUP, PACKED_ROWS, Int4Linear, Int8Linear, QuantLinear, quantize
 from firstskip.skipping import pruned_copy
 
 FAMILIES = ["llama", "qwen2", "gemma3_text", "phi3", "gpt2"]  # qwen2's projections have biases; gpt2 has Conv1D
@@ -33,23 +38,26 @@ def engine(model, **config) -> Engine:
                                          **config))
 
 
+@pytest.mark.parametrize("fmt, kind, bound", [("int8", Int8Linear, 0.02), ("int4", Int4Linear, 0.2)])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_int8_replaces_every_linear_and_stays_close_to_float32(family):
+def test_quantizing_replaces_every_linear_and_stays_close_to_float32(family, fmt, kind, bound):
     reference = tiny(family)
-    model = quantize_int8(tiny(family))
+    model = quantize(tiny(family), fmt)
     linears = [m for m in model.modules() if isinstance(m, (nn.Linear, Conv1D))]
-    assert not linears and isinstance(model.get_output_embeddings(), Int8Linear)
+    assert not linears and isinstance(model.get_output_embeddings(), Int8Linear)  # the head stays int8
+    assert any(isinstance(m, kind) for m in decoder_layers(model).modules())
     assert model.get_input_embeddings().weight.dtype == torch.bfloat16
     ids = torch.tensor([prompt(12, 1)])
     with torch.no_grad():
         want, got = reference(ids).logits.log_softmax(-1), model(ids).logits.float().log_softmax(-1)
     kl = (want.exp() * (want - got)).sum(-1).mean()
-    assert kl < 0.02, f"KL(fp32 || int8) = {kl:.4f}"
+    assert kl < bound, f"KL(fp32 || {fmt}) = {kl:.4f}"
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_int8_skipping_equals_the_int8_pruned_copy_and_rows_equal_their_solo_runs(family):
-    model = quantize_int8(tiny(family))
+def test_skipping_equals_the_quantized_pruned_copy_and_rows_equal_their_solo_runs(family, fmt):
+    model = quantize(tiny(family), fmt)
     skip = [2, 3]
     pruned = engine(pruned_copy(model, skip))  # copied before an engine wraps the layers
     first = engine(model, prefill="routed")  # skips the prompt too, as the copy does (invariant 2)
@@ -70,14 +78,74 @@ def test_a_run_loads_in_int8_with_its_adapter_merged_and_routers_in_float32(tmp_
         FirstSkipModel.from_pretrained(tmp_path / "run", dtype="int8", merge_adapter=False)
 
 
-@pytest.mark.parametrize("rows", [1, 3, 40])  # the int8 kernel up to PACKED_ROWS rows, dequantized weights beyond
-def test_int8_products_quantize_the_weights_only(rows):
-    layer = nn.Linear(64, 32)
-    quantized = Int8Linear(layer)
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("kind", [Int8Linear, Int4Linear])
+@pytest.mark.parametrize("rows", [1, 3, 40])  # the packed kernel up to PACKED_ROWS rows, dequantized weights beyond
+def test_quantized_products_quantize_the_weights_only(rows, kind, lora):
+    layer = nn.Linear(64, 48)
+    a, b = torch.randn(4, 64) / 8, torch.randn(48, 4) / 8
+    quantized: QuantLinear = kind(layer, (a, b) if lora else None)
     x = torch.randn(rows, 64)
-    dequantized = quantized.weight_int8.float() * quantized.scales.float()[:, None]
-    assert (dequantized - layer.weight).abs().max() <= layer.weight.abs().max() / 127
-    torch.testing.assert_close(quantized(x).float(), x.bfloat16().float() @ dequantized.T + layer.bias,
-                               atol=3e-2, rtol=3e-2)
+    dequantized = quantized.dequantized().float()
+    largest = layer.weight.abs().max()
+    step = largest / (127 if kind is Int8Linear else 7)  # int4: a group's range over 15 levels <= 2 max / 15
+    assert (dequantized - layer.weight).abs().max() <= step / 2 + largest / 128  # half a step + bfloat16 scales and products
+    side = x @ a.T @ b.T if lora else 0  # an adapter beside the weights, unquantized
+    torch.testing.assert_close(quantized(x).float(), x.bfloat16().float() @ dequantized.T + layer.bias + side,
+                               atol=5e-2, rtol=5e-2)
     one_by_one = torch.cat([quantized(x[i:i + 1]) for i in range(rows)]) if rows <= PACKED_ROWS else quantized(x)
     torch.testing.assert_close(quantized(x), one_by_one)  # a row's product does not depend on its batch
+
+
+def test_int4_holds_weights_already_on_a_4_bit_grid_exactly():
+    """Weights on a per-group 16-level grid (what the packaged models' Q4_1 GGUFs hold) survive."""
+    low = torch.randn(32, 64 // INT4_GROUP, 1)
+    grid = low + 0.05 * torch.randint(0, 16, (32, 64 // INT4_GROUP, INT4_GROUP))
+    grid[..., 0], grid[..., 1] = low[..., 0], low[..., 0] + 0.75  # every group spans all 16 levels
+    layer = nn.Linear(64, 32, bias=False)
+    layer.weight.data = grid.reshape(32, 64)
+    torch.testing.assert_close(Int4Linear(layer).dequantized().float(), layer.weight, atol=2e-2, rtol=1e-2)
+
+
+def lora_run(folder, merged: bool) -> FirstSkipModel:
+    """A tiny Llama run with a random, non-zero LoRA adapter (saved beside merged weights if ``merged``);
+    returns the run in float32 as `from_pretrained` loads it."""
+    fsm = FirstSkipModel.from_base("random:tiny-llama")
+    targets = ["q_proj", "v_proj", "down_proj"]
+    with peft_quietly():
+        peft = get_peft_model(fsm.model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    peft.save_pretrained(folder / "adapter")
+    fsm.config = fsm.config.replace(lora={"r": 4, "alpha": 8, "target_modules": targets})
+    if merged:
+        model = peft.merge_and_unload()
+        model.save_pretrained(folder / "model")
+        fsm.config = fsm.config.replace(merged=True, fingerprint=fingerprint(model))
+    fsm.save_pretrained(folder)
+    return FirstSkipModel.from_pretrained(folder)
+
+
+@pytest.mark.parametrize("merged", [False, True])
+def test_int4_keeps_a_runs_lora_beside_the_4_bit_base_weights(tmp_path, merged):
+    """Rounding merged weights to 4 bits would round most of a LoRA's change away, so int4 quantizes
+    the base's weights and runs the adapter beside them, in the packed and the dequantized path."""
+    reference = lora_run(tmp_path / "run", merged)
+    fsm = FirstSkipModel.from_pretrained(tmp_path / "run", dtype="int4")
+    layer = decoder_layers(fsm.model)[0]
+    assert isinstance(layer.self_attn.q_proj, Int4Linear) and layer.self_attn.q_proj.lora_a.shape == (4, 64)
+    assert layer.self_attn.k_proj.lora_a is None  # not a target
+    assert isinstance(fsm.model.get_output_embeddings(), Int8Linear)
+    base = FirstSkipModel.from_base("random:tiny-llama", dtype="int4")  # the same 4-bit weights, no adapter
+    for ids in (torch.tensor([prompt(12, 1)]), torch.tensor([prompt(40, 2)])):  # packed kernel, dequantized
+        with torch.no_grad():
+            want = reference.model(ids).logits.log_softmax(-1)
+            got, without = (m.model(ids).logits.float().log_softmax(-1) for m in (fsm, base))
+        kl, kl_without = ((want.exp() * (want - x)).sum(-1).mean() for x in (got, without))
+        assert kl < 0.05 and kl < kl_without / 5, (kl, kl_without)
+    with pytest.raises(FirstSkipError, match="adapter"):
+        shutil.rmtree(tmp_path / "run" / "adapter")
+        FirstSkipModel.from_pretrained(tmp_path / "run", dtype="int4")

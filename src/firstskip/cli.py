@@ -24,7 +24,7 @@ ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", "-m", help="Base model: packaged name (smollm2-135m), Hugging Face id, folder, or random:<preset>.")]
 RunOpt = Annotated[Optional[Path], typer.Option("--run", "-r", help="A trained run folder (routers, adapter).")]
 SkipOpt = Annotated[Optional[str], typer.Option("--skip", help="Force this skip set, e.g. 3,4,5 (overrides routers).")]
-DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16, float16, or int8 (int8 weights: fastest CPU decoding).")]
+DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16, float16, or int8 / int4 weights (fastest on a CPU).")]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:1 ...")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help="Compile the decode step (torch.compile; about a "
                                           "minute once, then faster decoding; eager where it cannot).")]

@@ -23,7 +23,7 @@ from firstskip.engine import Engine, Generation, Sampling, StopFn, Stream
 from firstskip.errors import FirstSkipError
 from firstskip.families import decoder_layers
 from firstskip.models import load_model, model_reference, torch_dtype
-from firstskip.quantize import WEIGHT_FORMATS, quantize_int8
+from firstskip.quantize import WEIGHT_FORMATS, quantize
 from firstskip.routers import RouterBank
 
 
@@ -70,18 +70,25 @@ class FirstSkipModel:
         the base it names is loaded unchecked.
         """
         config = artifacts.load_config(run_dir)
+        # 4-bit weights keep the base's own grid (the packaged Q4_1 weights exactly) and the LoRA runs
+        # beside them: rounding merged weights to 4 bits rounds most of the adapter's change away.
+        beside = model is None and dtype == "int4" and adapter and config.lora is not None
+        if beside and not (Path(run_dir) / artifacts.ADAPTER_DIR).is_dir():
+            raise FirstSkipError(f"int4 runs the LoRA beside the 4-bit weights, and {run_dir} keeps no "
+                                 f"{artifacts.ADAPTER_DIR}/ folder; use --dtype int8")
+        from_merged = adapter and config.merged and not beside
         cast = None
         if model is None:
             # The base is loaded as the run was trained on it (float32), so its fingerprint can be
             # checked and the adapter merged at full precision, then cast to the format asked for.
-            model, tokenizer = load_model(_base_path(run_dir, config, adapter), dtype="float32", device=device)
+            model, tokenizer = load_model(_base_path(run_dir, config, from_merged), dtype="float32", device=device)
             cast = dtype
         if cast == "int8" and adapter and not merge_adapter:
             raise FirstSkipError("int8 weights need the adapter merged first (leave merge_adapter on)")
-        if adapter or not config.merged:  # a merged run's fingerprint is of the merged weights
+        if from_merged or not config.merged:  # a merged run's fingerprint is of the merged weights
             artifacts.check_fingerprint(config.fingerprint, model, run_dir)
-        if adapter:
-            model = _with_adapter(model, Path(run_dir), config, merge_adapter)
+        if adapter and not from_merged:
+            model = _with_adapter(model, Path(run_dir), config, merge_adapter and not beside)
         if cast is not None:
             model = to_format(model, cast)
         routers = RouterBank(config)
@@ -172,15 +179,15 @@ def _load_dtype(dtype: str | torch.dtype) -> str | torch.dtype:
 
 
 def to_format(model: torch.nn.Module, dtype: str | torch.dtype) -> torch.nn.Module:
-    """Cast a float32 model to ``dtype``, or quantize its linear layers for ``int8``."""
+    """Cast a float32 model to ``dtype``, or quantize its linear layers (``int8``, ``int4``)."""
     if dtype in WEIGHT_FORMATS:
-        return quantize_int8(model)
+        return quantize(model, dtype)
     cast = torch_dtype(dtype)
     return model if cast == torch.float32 else model.to(cast)
 
 
-def _base_path(run_dir: str | os.PathLike, config: FirstSkipConfig, adapter: bool = True) -> str:
-    if config.merged and adapter:
+def _base_path(run_dir: str | os.PathLike, config: FirstSkipConfig, merged: bool) -> str:
+    if merged:
         return str(Path(run_dir) / artifacts.MERGED_DIR)
     if not config.base_model:
         raise FirstSkipError(f"run {run_dir} does not record its base model; pass model= to from_pretrained")
@@ -199,7 +206,7 @@ def peft_quietly() -> Iterator[None]:
 def _with_adapter(model: torch.nn.Module, run_dir: Path, config: FirstSkipConfig, merge: bool) -> torch.nn.Module:
     """Put the run's LoRA adapter on the base; merged, since an unmerged adapter slows decoding."""
     adapter = run_dir / artifacts.ADAPTER_DIR
-    if config.merged or config.lora is None or not adapter.is_dir():  # config.json says if it is part of the run
+    if config.lora is None or not adapter.is_dir():  # config.json says if it is part of the run
         return model
     from peft import PeftModel
 

@@ -175,7 +175,7 @@ def torch_dtype(dtype: torch.dtype | str) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in _DTYPES:
-        raise FirstSkipError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}, or int8 (weights, CPU)")
+        raise FirstSkipError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}, int8 or int4 (weights, CPU)")
     return _DTYPES[dtype]
 
 

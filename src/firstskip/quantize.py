@@ -1,17 +1,28 @@
-"""Int8 weights for CPU decoding, on torch's own weight-only int8 kernel.
+"""Int8 and int4 weights for CPU decoding, on torch's own weight-only kernels.
 
-CPU decode is bound by the bytes of weights read per token; int8 reads a quarter of float32's. Each
-``nn.Linear`` of the decoder layers and the LM head becomes an `Int8Linear`: weights quantized once
-per output channel (symmetric int8, scales from the float32 weights), activations and everything
-else in bfloat16. A decode step's product is ``torch._weight_int8pack_mm`` (the int8 weights are
-read as they are; about three times faster than a bfloat16 product at one row). Its time grows
-with the rows, so a call with many rows (a prompt) multiplies by the dequantized bfloat16 weights.
-Activations are never quantized: int8 products with dynamically quantized activations
-(``quantized::linear_dynamic``) lost about 6% of SAMSum's ROUGE-L on a trained run, since the
-inputs of ``down_proj`` carry outliers a single 8-bit range cannot hold.
+CPU decode is bound by the bytes of weights read per token; int8 reads a quarter of float32's, int4
+an eighth. Each ``nn.Linear`` of the decoder layers and the LM head becomes a `QuantLinear`, and
+everything else (embeddings, norms, attention, activations) runs in bfloat16:
 
-Embeddings, norms and attention run in bfloat16; the routers stay float32. A LoRA adapter must be
-merged first, so quantizing keeps its effect.
+- ``int8``: symmetric int8 per output channel; a decode step's product is
+  ``torch._weight_int8pack_mm``.
+- ``int4``: the decoder layers' linear layers in asymmetric 4-bit per group of 32 inputs (a scale
+  and a zero per group, the layout of GGUF's Q4_1 blocks, so the packaged models' Q4_1 weights fit
+  it); a decode step's product is ``torch._weight_int4pack_mm_for_cpu`` on the packed weights. The
+  LM head stays int8, as llama.cpp's 4-bit mixes keep the output matrix wider: 4 bits move the
+  packaged model's head weights by 9% (its GGUF does not hold them on a 4-bit grid).
+
+Both kernels are about three times faster than a bfloat16 product for one row, but their time grows
+with the rows, so a call with many rows (a prompt) multiplies by the dequantized bfloat16 weights
+(int4 keeps its codes unpacked for that, one byte each). Activations are never quantized: int8
+products with dynamically quantized activations (``quantized::linear_dynamic``) lost about 6% of
+SAMSum's ROUGE-L on a trained run, since the inputs of ``down_proj`` carry outliers a single 8-bit
+range cannot hold. The routers stay float32.
+
+A run's LoRA adapter is merged before int8. Int4 keeps it beside the 4-bit weights instead, in
+bfloat16 (``x A^T B^T`` added to each product): a LoRA moves a weight by far less than half a 4-bit
+step, so rounding merged weights to 4 bits rounds most of the adapter's change away (on the default
+recipe's run, every greedy output changed and SAMSum lost half its ROUGE-L).
 """
 
 from __future__ import annotations
@@ -24,47 +35,110 @@ from transformers.pytorch_utils import Conv1D
 from firstskip.errors import FirstSkipError
 from firstskip.families import decoder_layers
 
-WEIGHT_FORMATS = ("int8",)
-PACKED_ROWS = 16  # up to this many rows the int8 kernel is faster than dequantizing (measured on 2 cores)
+WEIGHT_FORMATS = ("int8", "int4")
+PACKED_ROWS = 16  # up to this many rows the packed kernels are faster than dequantizing (measured on 2 cores)
+INT4_GROUP = 32
 
 
-class Int8Linear(nn.Module):
-    """``y = x W^T + b`` with ``W`` int8 per output channel and ``x`` bfloat16."""
+class QuantLinear(nn.Module):
+    """``y = x W^T + b`` with ``W`` quantized and ``x`` bfloat16; subclasses hold the weights."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, linear: nn.Linear, lora: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         super().__init__()
-        weight = linear.weight.detach().float()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        scales = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-        quantized = (weight / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
-        self.register_buffer("weight_int8", quantized.contiguous())  # the kernel reads it row-major
-        self.register_buffer("scales", scales.to(torch.bfloat16))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(torch.bfloat16),
                                                                   requires_grad=False)
+        # A [r, in] and B [out, r] of an adapter kept beside the weights, its scaling folded into B
+        a, b = (None, None) if lora is None else (t.detach().to(torch.bfloat16).contiguous() for t in lora)
+        self.register_buffer("lora_a", a)
+        self.register_buffer("lora_b", b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
         if rows.shape[0] <= PACKED_ROWS:
-            out = torch._weight_int8pack_mm(rows.contiguous(), self.weight_int8, self.scales)
+            out = self.packed_product(rows.contiguous())
             out = out if self.bias is None else out + self.bias
         else:
-            out = F.linear(rows, self.weight_int8.to(torch.bfloat16) * self.scales[:, None], self.bias)
+            out = F.linear(rows, self.dequantized(), self.bias)
+        if self.lora_a is not None:
+            out = out + self._lora(rows)
         return out.reshape(*x.shape[:-1], self.out_features)
 
+    def _lora(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows A^T B^T``. For a decode step's few rows as products and sums, which a compiled
+        step fuses into its own kernels (two matrix products each would cost more than the 4-bit one)."""
+        if rows.shape[0] > PACKED_ROWS:
+            return (rows @ self.lora_a.T) @ self.lora_b.T
+        low = (rows[:, None, :] * self.lora_a).sum(-1)
+        return (low[:, None, :] * self.lora_b).sum(-1)
+
+    def packed_product(self, rows: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantized(self) -> torch.Tensor:
+        raise NotImplementedError
+
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+        lora = "" if self.lora_a is None else f", LoRA r={self.lora_a.shape[0]} beside"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {type(self).__name__}{lora}"
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """Replace every ``nn.Linear`` of the decoder layers and the LM head with `Int8Linear`, in place,
-    and cast the rest to bfloat16. A tied LM head gets its own int8 copy; the embedding table stays
-    bfloat16 for lookups."""
+class Int8Linear(QuantLinear):
+    """Symmetric int8 per output channel."""
+
+    def __init__(self, linear: nn.Linear, lora: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        super().__init__(linear, lora)
+        weight = linear.weight.detach().float()
+        scales = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+        quantized = (weight / scales[:, None]).round().clamp(-127, 127).to(torch.int8)
+        self.register_buffer("weight_int8", quantized.contiguous())  # the kernel reads it row-major
+        self.register_buffer("scales", scales.to(torch.bfloat16))
+
+    def packed_product(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int8pack_mm(rows, self.weight_int8, self.scales)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.weight_int8.to(torch.bfloat16) * self.scales[:, None]
+
+
+class Int4Linear(QuantLinear):
+    """Asymmetric 4-bit per group of `INT4_GROUP` inputs: ``w = (code - 8) * scale + zero``, the
+    layout of torch's CPU int4 kernel."""
+
+    def __init__(self, linear: nn.Linear, lora: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        super().__init__(linear, lora)
+        groups = linear.weight.detach().float().reshape(self.out_features, -1, INT4_GROUP)
+        low, high = groups.amin(-1), groups.amax(-1)
+        scale = ((high - low) / 15).clamp(min=1e-8)
+        codes = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15)
+        codes = codes.reshape(self.out_features, self.in_features)
+        self.register_buffer("codes", codes.to(torch.int8))
+        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1))
+        zero = low + 8 * scale
+        self.register_buffer("scales_zeros", torch.stack([scale.t(), zero.t()], -1).to(torch.bfloat16).contiguous())
+
+    def packed_product(self, rows: torch.Tensor) -> torch.Tensor:
+        return torch._weight_int4pack_mm_for_cpu(rows, self.packed, INT4_GROUP, self.scales_zeros)
+
+    def dequantized(self) -> torch.Tensor:
+        scale, zero = self.scales_zeros.unbind(-1)  # [groups, out] each
+        codes = self.codes.to(torch.bfloat16).reshape(self.out_features, -1, INT4_GROUP) - 8
+        return (codes * scale.t()[..., None] + zero.t()[..., None]).reshape(self.out_features, self.in_features)
+
+
+def quantize(model: nn.Module, fmt: str) -> nn.Module:
+    """Replace every ``nn.Linear`` of the decoder layers with ``fmt``'s `QuantLinear` and the LM head
+    with an int8 one, in place, and cast the rest to bfloat16. A tied LM head gets its own
+    quantized copy; the embedding table stays bfloat16 for lookups. A layer whose shape does not
+    fit the int4 kernel's tiles (inputs in groups of 32, outputs a multiple of 16) gets int8."""
     if next(model.parameters()).device.type != "cpu":
-        raise FirstSkipError("int8 weights run on the CPU only (torch's int8 weight kernel); use --dtype bfloat16 on a GPU")
-    if not hasattr(torch, "_weight_int8pack_mm"):
-        raise FirstSkipError("this torch build has no int8 weight kernel (torch._weight_int8pack_mm); use --dtype bfloat16")
+        raise FirstSkipError(f"{fmt} weights run on the CPU only (torch's CPU kernels); use --dtype bfloat16 on a GPU")
+    kernel = {"int8": "_weight_int8pack_mm", "int4": "_weight_int4pack_mm_for_cpu"}[fmt]
+    if not hasattr(torch, kernel):
+        raise FirstSkipError(f"this torch build has no {fmt} weight kernel (torch.{kernel}); use --dtype bfloat16")
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # LoRA layers become side paths
     for layer in decoder_layers(model):
-        _swap_linears(layer)
+        _swap_linears(layer, fmt)
     head = model.get_output_embeddings()
     if isinstance(head, nn.Linear):
         model.set_output_embeddings(Int8Linear(head))
@@ -73,19 +147,41 @@ def quantize_int8(model: nn.Module) -> nn.Module:
 
 def weight_format(model: nn.Module) -> str:
     """``int8``, or the dtype of the model's float weights (``float32``, ``bfloat16`` ...)."""
+    if any(isinstance(m, Int4Linear) for m in model.modules()):
+        return "int4"
     if any(isinstance(m, Int8Linear) for m in model.modules()):
         return "int8"
     return str(next(model.parameters()).dtype).removeprefix("torch.")
 
 
-def _swap_linears(module: nn.Module) -> None:
+def _quantized(linear: nn.Linear, fmt: str, lora: tuple[torch.Tensor, torch.Tensor] | None = None) -> QuantLinear:
+    if fmt == "int4" and linear.in_features % INT4_GROUP == 0 and linear.out_features % 16 == 0:  # the kernel's tiles
+        return Int4Linear(linear, lora)
+    return Int8Linear(linear, lora)
+
+
+def _swap_linears(module: nn.Module, fmt: str) -> None:
     for name, child in module.named_children():
+        lora = None
+        if hasattr(child, "lora_A") and hasattr(child, "base_layer"):  # a peft LoRA layer, not merged
+            lora, child = _lora_factors(child), child.base_layer
         if isinstance(child, Conv1D):  # GPT-2's linear layers store the weight transposed
             child = _as_linear(child)
         if isinstance(child, nn.Linear):
-            setattr(module, name, Int8Linear(child))
+            setattr(module, name, _quantized(child, fmt, lora))
         else:
-            _swap_linears(child)
+            _swap_linears(child, fmt)
+
+
+def _lora_factors(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A peft LoRA layer's active adapter as ``(A, scaling * B)`` (None without one)."""
+    names = [n for n in layer.active_adapters if n in layer.lora_A]
+    if not names:
+        return None
+    if len(names) > 1 or layer.use_dora.get(names[0]):
+        raise FirstSkipError("quantized weights take one plain LoRA adapter beside them")
+    a, b = layer.lora_A[names[0]].weight, layer.lora_B[names[0]].weight  # x @ A^T @ B^T, Conv1D too
+    return a.float(), b.float() * layer.scaling[names[0]]
 
 
 def _as_linear(conv: Conv1D) -> nn.Linear:
