@@ -16,10 +16,11 @@ import torch
 from conftest import tiny
 from firstskip import families
 from firstskip.config import FirstSkipConfig
-from firstskip.decoding import _Group, _SlotsView
+from firstskip.decoding import _Group, _SlotsView, _uniform
 from firstskip.engine import Engine, Sampling
 from firstskip.families import decoder_layers
 from firstskip.models import load_model
+from firstskip.quantize import quantize
 from firstskip.routers import RouterBank
 
 FAMILIES = ["llama", "gemma3_text", "gpt2"]  # rotary, two rotary bases with sliding windows, learned positions
@@ -177,6 +178,27 @@ def test_compiled_layer_steps_decode_as_eager_and_a_new_skip_set_compiles_nothin
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     solo(eng, prompt(9, 92), 5, [0, 4])  # a skip set, prompt length and batch never seen
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
+def test_the_compiled_step_checks_layers_once_only_when_they_are_all_alike():
+    """Dynamo's per-call checks of the layer argument are dropped only for layers that differ in
+    nothing the step could read (modules, settings, hooks, tensor shapes and dtypes)."""
+    layers = decoder_layers(tiny("llama"))
+    assert _uniform(layers)
+    layers[3].input_layernorm.variance_epsilon *= 2
+    assert not _uniform(layers)
+    layers = decoder_layers(tiny("llama"))
+    layers[1].mlp.register_forward_hook(lambda *_: None)
+    assert not _uniform(layers)
+
+
+def test_compiled_stacks_of_two_weight_formats_in_one_process_each_decode_as_eager():
+    """Each stack compiles its own program: one stack's must never run another's layers."""
+    for fmt in ("int8", "int4"):
+        eng = engine(quantize(tiny("llama"), fmt))
+        expected = solo(eng, prompt(9, 94), 6, [2])
+        assert eng.compile()
+        assert solo(eng, prompt(9, 94), 6, [2]) == expected
 
 
 def test_compiling_stays_eager_with_a_notice_where_it_cannot(monkeypatch, capsys):

@@ -48,10 +48,11 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(torch.bfloat16),
                                                                   requires_grad=False)
-        # A [r, in] and B [out, r] of an adapter kept beside the weights, its scaling folded into B
-        a, b = (None, None) if lora is None else (t.detach().to(torch.bfloat16).contiguous() for t in lora)
-        self.register_buffer("lora_a", a)
-        self.register_buffer("lora_b", b)
+        # An adapter kept beside the weights: A [r, in] and B^T [r, out], its scaling folded into B;
+        # both lay the sums of a decode step's side path along contiguous memory
+        a, b = (None, None) if lora is None else (lora[0].detach(), lora[1].detach().T)
+        self.register_buffer("lora_a", None if a is None else a.to(torch.bfloat16).contiguous())
+        self.register_buffer("lora_bt", None if b is None else b.to(torch.bfloat16).contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
@@ -68,9 +69,9 @@ class QuantLinear(nn.Module):
         """``rows A^T B^T``. For a decode step's few rows as products and sums, which a compiled
         step fuses into its own kernels (two matrix products each would cost more than the 4-bit one)."""
         if rows.shape[0] > PACKED_ROWS:
-            return (rows @ self.lora_a.T) @ self.lora_b.T
-        low = (rows[:, None, :] * self.lora_a).sum(-1)
-        return (low[:, None, :] * self.lora_b).sum(-1)
+            return (rows @ self.lora_a.T) @ self.lora_bt
+        low = (rows[:, None, :] * self.lora_a).sum(-1)  # [n, r]
+        return (low[:, :, None] * self.lora_bt).sum(1)  # [n, out]
 
     def packed_product(self, rows: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
