@@ -22,12 +22,4 @@ firstskip bench --run "$run" --data ../shared/data/samsum --batch-size 8 --new-t
   --dtype int8 --json > "$out/smollm2_samsum8_routed_int8.json"
 python3 benchmarks/ratios.py "$out/smollm2_samsum8_routed_int8.json"
 # Quality: the same run in float32 and int8, 100 test items of SAMSum and BoolQ.
-python3 benchmarks/dtype_agreement.py --run "$run" --dtype int8 --data ../shared/data/samsum \
-  --data ../shared/data/boolq --limit 100 --out "$out/int8_agreement.json"
-for d in float32 int8; do
-  [ -f "out/eval/$(basename "$run")-$d/results.json" ] || firstskip eval -r "$run" -d ../shared/data/samsum \
-    -d ../shared/data/boolq --limit 100 --speed-items 0 --methods lora-only,first --dtype $d \
-    --out "out/eval/$(basename "$run")-$d"
-done
-python3 benchmarks/dtype_scores.py "out/eval/$(basename "$run")-float32" "out/eval/$(basename "$run")-int8" \
-  --data ../shared/data/samsum --data ../shared/data/boolq | tee "$out/int8_scores.md"
+bash benchmarks/format_quality.sh int8 "$run"
