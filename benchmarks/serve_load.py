@@ -11,7 +11,8 @@ memory is sampled every second from /proc/PID/status.
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 --clients 64 --seconds 120 --pid $!
 
 Prints one JSON object (also written to --out): errors by kind, p50/p99 time to first token,
-completion tokens per second over the run, requests, and RSS at start, after warm-up and at the end.
+completion tokens per second over the run, requests, RSS at start, after warm-up and at the end, and
+(from firstskip's /metrics) the decode saving: the share of decode layer runs its skipping saved.
 """
 
 from __future__ import annotations
@@ -135,9 +136,24 @@ def percentile(values: list[float], q: float) -> float | None:
     return round(values[min(len(values) - 1, int(q * len(values)))], 3)
 
 
+async def decode_work(url: str, api_key: str | None) -> tuple[float, float] | None:
+    """firstskip's decode layer runs and what running every layer would have cost, from /metrics
+    (None from a server without them, such as vLLM's)."""
+    async with httpx.AsyncClient(timeout=10) as client:
+        response = await client.get(url + "/metrics", headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    values = {}
+    for line in response.text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("firstskip_decode_layer_runs_total", "firstskip_decode_layer_runs_full_total"):
+            values[name] = float(value)
+    return (values["firstskip_decode_layer_runs_total"], values["firstskip_decode_layer_runs_full_total"]) \
+        if len(values) == 2 else None
+
+
 async def main(args: argparse.Namespace) -> dict:
     items = prompts(args.data, args.per_task, args.seed)
     stats, samples, stop = Stats(), [], asyncio.Event()
+    work_before = await decode_work(args.url, args.api_key)
     start = time.perf_counter()
     end = start + args.seconds
     memory = asyncio.create_task(memory_loop(args.pid, samples, start, stop)) if args.pid else None
@@ -148,6 +164,10 @@ async def main(args: argparse.Namespace) -> dict:
     if memory is not None:
         await memory
     warm = [kib for t, kib in samples if t >= args.warmup]
+    work_after = await decode_work(args.url, args.api_key)
+    saving = None  # the token-weighted decode saving the server achieved on this run's requests
+    if work_before and work_after and work_after[1] > work_before[1]:
+        saving = round(1 - (work_after[0] - work_before[0]) / (work_after[1] - work_before[1]), 4)
     return {
         "url": args.url, "clients": args.clients, "seconds": round(elapsed, 1), "max_tokens": args.max_tokens,
         "requests": stats.requests, "requests_by_task": stats.by_task,
@@ -155,6 +175,7 @@ async def main(args: argparse.Namespace) -> dict:
         "ttft_p50_s": percentile(stats.ttft, 0.5), "ttft_p99_s": percentile(stats.ttft, 0.99),
         "ttft_mean_s": round(statistics.fmean(stats.ttft), 3) if stats.ttft else None,
         "completion_tokens": stats.tokens, "tokens_per_s": round(stats.tokens / elapsed, 2),
+        "decode_saving": saving,
         "rss_mib": None if not samples else {
             "start": round(samples[0][1] / 1024, 1), "after_warmup": round(warm[0] / 1024, 1) if warm else None,
             "end": round(samples[-1][1] / 1024, 1), "max": round(max(k for _, k in samples) / 1024, 1),

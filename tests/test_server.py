@@ -263,6 +263,21 @@ def test_health_models_and_metrics(srv):
         assert f"firstskip_{name}" in text
 
 
+def test_metrics_count_decode_work_in_layer_runs(srv):
+    """The decode saving a workload achieved (1 - runs / full) reads straight off /metrics."""
+    def counts() -> tuple[float, float]:
+        text = httpx.get(srv.url + "/metrics").text
+        return (float(_metric(text, "firstskip_decode_layer_runs_total")),
+                float(_metric(text, "firstskip_decode_layer_runs_full_total")))
+
+    runs, full = counts()
+    srv.client.completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=6, temperature=0,
+                                  extra_body={"firstskip": {"skip": [10, 11, 12]}})
+    runs_after, full_after = counts()
+    assert full_after - full == 5 * 30  # the first token comes from prefill
+    assert runs_after - runs == 5 * 27
+
+
 def test_api_key_and_a_full_queue(fsm):
     app, service = build(fsm, NAME, max_batch_size=1, max_queue=1, api_key="sesame")
     client = TestClient(app)  # no lifespan: the engine thread never starts, so the queue stays full

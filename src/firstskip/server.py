@@ -143,6 +143,7 @@ class Metrics:
         self.requests: collections.Counter[tuple[str, int]] = collections.Counter()
         self.finished: collections.Counter[str] = collections.Counter()
         self.prompt_tokens = self.generation_tokens = self.steps = self.step_rows = 0
+        self.layer_runs = self.layer_runs_full = 0  # decode work done, and what every layer would have cost
         self.ttft = [0] * (len(self.TTFT_BUCKETS) + 1)
         self.ttft_sum = 0.0
         self.skip = [0] * (len(self.RATIO_BUCKETS) + 1)
@@ -161,11 +162,13 @@ class Metrics:
             self.skip[_bucket(self.RATIO_BUCKETS, skip_ratio)] += 1
             self.skip_sum += skip_ratio
 
-    def observe_step(self, rows: int, new_tokens: int) -> None:
+    def observe_step(self, rows: int, new_tokens: int, layer_runs: int, layers: int) -> None:
         with self.lock:
             self.steps += 1
             self.step_rows += rows
             self.generation_tokens += new_tokens
+            self.layer_runs += layer_runs
+            self.layer_runs_full += rows * layers
 
     def render(self, queued: int, running: int, capacity: int) -> str:
         p = "firstskip_"
@@ -178,6 +181,9 @@ class Metrics:
                       f"# TYPE {p}generation_tokens_total counter", f"{p}generation_tokens_total {self.generation_tokens}",
                       f"# TYPE {p}decode_steps_total counter", f"{p}decode_steps_total {self.steps}",
                       f"# TYPE {p}decode_step_rows_total counter", f"{p}decode_step_rows_total {self.step_rows}",
+                      f"# TYPE {p}decode_layer_runs_total counter", f"{p}decode_layer_runs_total {self.layer_runs}",
+                      f"# TYPE {p}decode_layer_runs_full_total counter",
+                      f"{p}decode_layer_runs_full_total {self.layer_runs_full}",
                       f"# TYPE {p}queue_length gauge", f"{p}queue_length {queued}",
                       f"# TYPE {p}running_requests gauge", f"{p}running_requests {running}",
                       f"# TYPE {p}max_batch_size gauge", f"{p}max_batch_size {capacity}"]
@@ -311,10 +317,11 @@ class EngineWorker:
 
     def _step(self) -> None:
         rows = len(self.batch.requests)
+        layer_runs = sum(len(owners) for _, _, owners in self.batch.plan())  # a row per layer that runs for it
         before = sum(len(j.request.generation.token_ids) for j in self.running.values())
         ended = self.batch.step()
         after = sum(len(j.request.generation.token_ids) for j in self.running.values())
-        self.metrics.observe_step(rows, after - before)
+        self.metrics.observe_step(rows, after - before, layer_runs, self.fsm.config.num_layers)
         for job in self.running.values():
             self._send(job)
         for request in ended:
