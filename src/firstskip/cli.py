@@ -478,7 +478,7 @@ def serve(
     srv = server(fsm, name, host, port, grace, max_batch_size=max_batch_size, max_queue=max_queue, api_key=api_key)
     cfg = fsm.config
     decision = f"budget {cfg.skip_ratio}" if cfg.decision == "budget" else f"threshold {cfg.threshold}"
-    typer.echo(f"firstskip serve: {name} ({cfg.num_layers} layers, {decision}, {dtype}{', compiled' if compiled else ''}) "
+    typer.echo(f"firstskip serve: {name} ({cfg.num_layers} layers, {decision}, {cfg.prefill} prefill, {dtype}{', compiled' if compiled else ''}) "
                f"on http://{host}:{port}/v1 "
                f"(batch {max_batch_size}, queue {max_queue}{', API key' if api_key else ''})", err=True)
     srv.run()
