@@ -193,7 +193,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=300.0, help="Seconds one request may take at most.")
     p.add_argument("--max-requests", type=int, default=100_000, help="Requests in all, at most.")
     p.add_argument("--data", nargs="+", default=["samsum", "xsum", "boolq"], help="Datasets under ../shared/data.")
-    p.add_argument("--per-task", type=int, default=50, help="Test prompts read from each dataset.")
+    p.add_argument("--per-task", type=int, default=200,
+                   help="Test prompts read from each dataset (enough that no prompt repeats: a server's "
+                        "prefix cache would answer a repeat without prefilling it).")
     p.add_argument("--model", default=None, help="The model id to send (default: none, the server's own).")
     p.add_argument("--api-key", default=None)
     p.add_argument("--pid", type=int, default=None, help="The server's process id, for its memory over time.")

@@ -3,7 +3,8 @@
 # benchmarks/serve_load.py's streaming clients on the mixed workload (SAMSum, XSum, BoolQ), one
 # server at a time (benchmarks/README.md, "Serving against vLLM").
 # Reproduce: bash plugins/vllm/ci.sh (builds .venv-vllm) && bash benchmarks/serve_vs_vllm.sh [RUN] [CLIENTS] [SECONDS] [DTYPE]
-# DTYPE (firstskip's weights, default float32): with another, only firstskip runs (vLLM is measured in float32).
+# DTYPE (default float32): the weights of both servers; float32 and bfloat16 run vLLM too, another (int8, int4)
+# only firstskip.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 run=${1:-runs/sec4s0}
@@ -22,15 +23,17 @@ measure() {  # name port pid
     --model m --pid "$3" --out "$out/serve_$1_${clients}x${seconds}.json"
   kill "$3"; wait "$3" || true
 }
-firstskip serve --run "$run" --port 8931 --max-batch-size 8 --max-queue 64 --served-model-name m --dtype "$dtype" &
-measure "firstskip_$dtype" 8931 $!
-[ "$dtype" = float32 ] || exit 0
+# COMPILE=1: firstskip compiles its decode step (--compile).
+firstskip serve --run "$run" --port 8931 --max-batch-size 8 --max-queue 64 --served-model-name m --dtype "$dtype" \
+  ${COMPILE:+--compile} &
+measure "firstskip_$dtype${COMPILE:+_compiled}" 8931 $!
+case $dtype in float32|bfloat16) ;; *) exit 0 ;; esac
 export VLLM_CPU_KVCACHE_SPACE=2 HF_HUB_OFFLINE=1
 # vLLM on the plain model (the run's merged weights) with its own defaults, 8 sequences at a time like firstskip.
 .venv-vllm/bin/python -m vllm.entrypoints.openai.api_server --model out/serve-vllm-plain --served-model-name m \
-  --port 8932 --dtype float32 --max-num-seqs 8 &
-measure vllm 8932 $!
+  --port 8932 --dtype "$dtype" --max-num-seqs 8 &
+measure "vllm_$dtype" 8932 $!
 # vLLM with the FiRST plugin (eager, prefix caching off: the plugin's required settings).
 .venv-vllm/bin/python -m vllm.entrypoints.openai.api_server --model out/serve-vllm --served-model-name m \
-  --port 8933 --dtype float32 --max-num-seqs 8 --enforce-eager --no-enable-prefix-caching &
-measure vllm_plugin 8933 $!
+  --port 8933 --dtype "$dtype" --max-num-seqs 8 --enforce-eager --no-enable-prefix-caching &
+measure "vllm_plugin_$dtype" 8933 $!
