@@ -149,3 +149,13 @@ def test_int4_keeps_a_runs_lora_beside_the_4_bit_base_weights(tmp_path, merged):
     with pytest.raises(FirstSkipError, match="adapter"):
         shutil.rmtree(tmp_path / "run" / "adapter")
         FirstSkipModel.from_pretrained(tmp_path / "run", dtype="int4")
+
+
+@pytest.mark.parametrize("outputs", [48, 128])  # 128: whole blocks of 64, read back from the packed codes
+def test_int4_dequantizes_from_its_packed_codes_where_the_layout_allows(outputs):
+    layer = nn.Linear(64, outputs, bias=False)
+    quantized = Int4Linear(layer)
+    assert (quantized.codes is None) == (outputs % 64 == 0)  # no second copy of the weights
+    x = torch.randn(40, 64)  # more than PACKED_ROWS: the dequantized product
+    torch.testing.assert_close(quantized(x[:1]).float(), quantized(x)[:1].float(), atol=5e-2, rtol=5e-2)
+    assert (quantized.dequantized().float() - layer.weight).abs().max() <= layer.weight.abs().max() / 7

@@ -14,7 +14,7 @@ everything else (embeddings, norms, attention, activations) runs in bfloat16:
 
 Both kernels are about three times faster than a bfloat16 product for one row, but their time grows
 with the rows, so a call with many rows (a prompt) multiplies by the dequantized bfloat16 weights
-(int4 keeps its codes unpacked for that, one byte each). Activations are never quantized: int8
+(int4 unpacks them from the kernel's own packed codes). Activations are never quantized: int8
 products with dynamically quantized activations (``quantized::linear_dynamic``) lost about 6% of
 SAMSum's ROUGE-L on a trained run, since the inputs of ``down_proj`` carry outliers a single 8-bit
 range cannot hold. The routers stay float32.
@@ -112,9 +112,12 @@ class Int4Linear(QuantLinear):
         low, high = groups.amin(-1), groups.amax(-1)
         scale = ((high - low) / 15).clamp(min=1e-8)
         codes = ((groups - low[..., None]) / scale[..., None]).round().clamp(0, 15)
-        codes = codes.reshape(self.out_features, self.in_features)
-        self.register_buffer("codes", codes.to(torch.int8))
-        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1))
+        codes = codes.reshape(self.out_features, self.in_features).to(torch.int32)
+        self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(codes, 1))
+        # A prompt's product dequantizes the packed codes; a layout not read back keeps its own copy
+        unpacked = _unpack_int4(self.packed, self.out_features, self.in_features)
+        self.register_buffer("codes", None if unpacked is not None and torch.equal(unpacked, codes)
+                             else codes.to(torch.int8))
         zero = low + 8 * scale
         self.register_buffer("scales_zeros", torch.stack([scale.t(), zero.t()], -1).to(torch.bfloat16).contiguous())
 
@@ -123,8 +126,21 @@ class Int4Linear(QuantLinear):
 
     def dequantized(self) -> torch.Tensor:
         scale, zero = self.scales_zeros.unbind(-1)  # [groups, out] each
-        codes = self.codes.to(torch.bfloat16).reshape(self.out_features, -1, INT4_GROUP) - 8
+        codes = self.codes if self.codes is not None else _unpack_int4(self.packed, self.out_features, self.in_features)
+        codes = codes.to(torch.bfloat16).reshape(self.out_features, -1, INT4_GROUP) - 8
         return (codes * scale.t()[..., None] + zero.t()[..., None]).reshape(self.out_features, self.in_features)
+
+
+def _unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor | None:
+    """The [n, k] codes of torch's CPU int4 layout (blocks of 64 outputs; per pair of inputs, a
+    byte holds outputs j and j + 32 of the block), None where n is not whole blocks."""
+    if n % 64:
+        return None
+    block = packed.view(n // 64, k // 2, 64)
+    low, high = block & 15, block >> 4
+    even = torch.cat([low[..., :32], high[..., :32]], -1)  # input 2i, the block's 64 outputs
+    odd = torch.cat([low[..., 32:], high[..., 32:]], -1)  # input 2i + 1
+    return torch.stack([even, odd], 2).reshape(n // 64, k, 64).permute(0, 2, 1).reshape(n, k).to(torch.int32)
 
 
 def quantize(model: nn.Module, fmt: str) -> nn.Module:
