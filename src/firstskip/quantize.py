@@ -116,8 +116,8 @@ class Int4Linear(QuantLinear):
         self.register_buffer("packed", torch._convert_weight_to_int4pack_for_cpu(codes, 1))
         # A prompt's product dequantizes the packed codes; a layout not read back keeps its own copy
         unpacked = _unpack_int4(self.packed, self.out_features, self.in_features)
-        self.register_buffer("codes", None if unpacked is not None and torch.equal(unpacked, codes)
-                             else codes.to(torch.int8))
+        self.register_buffer("codes", None if unpacked is not None and torch.equal(unpacked, codes.to(torch.uint8))
+                             else codes.to(torch.uint8))
         zero = low + 8 * scale
         self.register_buffer("scales_zeros", torch.stack([scale.t(), zero.t()], -1).to(torch.bfloat16).contiguous())
 
@@ -140,7 +140,7 @@ def _unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor | None:
     low, high = block & 15, block >> 4
     even = torch.cat([low[..., :32], high[..., :32]], -1)  # input 2i, the block's 64 outputs
     odd = torch.cat([low[..., 32:], high[..., 32:]], -1)  # input 2i + 1
-    return torch.stack([even, odd], 2).reshape(n // 64, k, 64).permute(0, 2, 1).reshape(n, k).to(torch.int32)
+    return torch.stack([even, odd], 2).reshape(n // 64, k, 64).permute(0, 2, 1).reshape(n, k)
 
 
 def quantize(model: nn.Module, fmt: str) -> nn.Module:
