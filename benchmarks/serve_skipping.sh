@@ -11,19 +11,15 @@ seconds=${3:-90}
 dtype=${4:-int8}
 out=benchmarks/results
 mkdir -p "$out"
-wait_up() { for _ in $(seq 600); do curl -sf "http://127.0.0.1:$1/v1/models" >/dev/null && return 0; sleep 1; done; return 1; }
-measure() {  # name port extra-serve-flags...
+source benchmarks/serve_measure.sh
+serve() {  # name port extra-serve-flags...: firstskip serve compiled, measured
   local name=$1 port=$2; shift 2
   firstskip serve --run "$run" --port "$port" --max-batch-size 8 --max-queue 64 --served-model-name m \
     --dtype "$dtype" --compile "$@" &
-  local pid=$!
-  wait_up "$port"
-  python3 benchmarks/serve_load.py --url "http://127.0.0.1:$port" --clients "$clients" --seconds "$seconds" \
-    --model m --pid "$pid" --out "$out/serve_${name}_${dtype}_compiled_${clients}x${seconds}.json"
-  kill "$pid"; wait "$pid" || true
+  measure "${name}_${dtype}_compiled" "$port" $!
 }
-measure first 8941
-measure skipping_off 8942 --threshold 0
+serve first 8941
+serve skipping_off 8942 --threshold 0
 python3 - "$out/serve_first_${dtype}_compiled_${clients}x${seconds}.json" \
   "$out/serve_skipping_off_${dtype}_compiled_${clients}x${seconds}.json" <<'PY'
 import json, sys

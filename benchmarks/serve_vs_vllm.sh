@@ -16,13 +16,7 @@ mkdir -p out "$out"
 [ -d out/serve-vllm ] || firstskip export --run "$run" --format vllm --out out/serve-vllm
 [ -d out/serve-vllm-plain ] || .venv-vllm/bin/python -c "import sys; from pathlib import Path; sys.path.insert(0, 'benchmarks')
 from vllm_speed import plain_copy; plain_copy(Path('out/serve-vllm'), Path('out/serve-vllm-plain'))"
-wait_up() { for _ in $(seq 600); do curl -sf "http://127.0.0.1:$1/v1/models" >/dev/null && return 0; sleep 1; done; return 1; }
-measure() {  # name port pid
-  wait_up "$2"
-  python3 benchmarks/serve_load.py --url "http://127.0.0.1:$2" --clients "$clients" --seconds "$seconds" \
-    --model m --pid "$3" --out "$out/serve_$1_${clients}x${seconds}.json"
-  kill "$3"; wait "$3" || true
-}
+source benchmarks/serve_measure.sh
 # COMPILE=1: firstskip compiles its decode step (--compile).
 firstskip serve --run "$run" --port 8931 --max-batch-size 8 --max-queue 64 --served-model-name m --dtype "$dtype" \
   ${COMPILE:+--compile} &
