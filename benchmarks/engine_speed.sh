@@ -9,7 +9,7 @@ out=benchmarks/results
 mkdir -p "$out"
 for bs in 1 8; do
   firstskip bench --model smollm2-135m --skip 10-17 --batch-size "$bs" --prompt-len 256 \
-    --new-tokens 64 --repeats 5 --memory --json > "$out/smollm2_skip10-17_b$bs.json"
+    --new-tokens 64 --repeats 5 --memory --dtype float32 --json > "$out/smollm2_skip10-17_b$bs.json"
   python3 benchmarks/ratios.py "$out/smollm2_skip10-17_b$bs.json"
 done
 if [ ! -f "$run/config.json" ]; then
@@ -17,7 +17,7 @@ if [ ! -f "$run/config.json" ]; then
     --data ../shared/data/boolq --out "$run" --skip-target 0.25 --lora --merge
 fi
 # The skip sets the run's routers choose for the first 8 SAMSum test prompts, decoded as one batch.
-firstskip bench --run "$run" --data ../shared/data/samsum --batch-size 8 --new-tokens 64 --repeats 5 \
+firstskip bench --run "$run" --data ../shared/data/samsum --batch-size 8 --new-tokens 64 --repeats 5 --dtype float32 \
   --json > "$out/smollm2_samsum8_routed.json"
 python3 benchmarks/ratios.py "$out/smollm2_samsum8_routed.json"
 python3 benchmarks/decode_overhead.py --out "$out/decode_overhead.json"

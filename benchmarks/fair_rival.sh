@@ -13,7 +13,8 @@
 # Stage `extras` (seed 0, budget 0.30): the oracle per-task set and snapped FiRST, then ULS + LoRA, then plain
 # LoRA (--static none), added to out/eval/fair-s0-w30.
 # Finished runs, calibrations and evaluations are reused, so it can be stopped and started again. One heavy job
-# at a time. Train flags are limited to -m --data --out --skip-target --lora --merge --seed --static --resume.
+# at a time. Train flags are limited to -m --data --out --skip-target --lora --merge --seed --static --resume;
+# evaluations pin --dtype float32.
 #
 # Usage: [SEEDS="0 1 2"] bash benchmarks/fair_rival.sh [verdict|extras|tables] ...   (default: all three, in order)
 # Results: docs/results.md, docs/experiments/2026-12-06-fair-rival-seeds.md (SEEDS=0 ran; tables write
@@ -89,7 +90,7 @@ evaluate() {  # evaluate K NN METHODS CHECK RIVAL...
   fi
   local RIVALS=(); for r in "$@"; do RIVALS+=(--rival "$r"); done
   log "eval $O $M ${RIVALS[*]}"
-  firstskip eval -r runs/sec4s$K-w$NN "${EVAL_DATA[@]}" --limit 100 --speed-items 0 --methods "$M" \
+  firstskip eval -r runs/sec4s$K-w$NN "${EVAL_DATA[@]}" --limit 100 --speed-items 0 --dtype float32 --methods "$M" \
     "${RIVALS[@]}" --out "$O"
 }
 

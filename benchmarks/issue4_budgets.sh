@@ -11,6 +11,6 @@ RIVAL=${3:-shortgpt}
 D=../shared/data
 for t in 0.15 0.35; do
   bash benchmarks/recalibrated_copy.sh "$RUN" $t $D/samsum $D/xsum $D/boolq
-  firstskip eval -r "$RUN-t$t" -d $D/boolq -d $D/sst2 --limit 100 --methods full,first,$RIVAL --out "$OUT-t$t-cls"
-  firstskip eval -r "$RUN-t$t" -d $D/samsum -d $D/xsum --limit 50 --methods full,first,$RIVAL --out "$OUT-t$t-sum"
+  firstskip eval --dtype float32 -r "$RUN-t$t" -d $D/boolq -d $D/sst2 --limit 100 --methods full,first,$RIVAL --out "$OUT-t$t-cls"
+  firstskip eval --dtype float32 -r "$RUN-t$t" -d $D/samsum -d $D/xsum --limit 50 --methods full,first,$RIVAL --out "$OUT-t$t-sum"
 done

@@ -16,11 +16,11 @@ if [ ! -f "$RUN/model/config.json" ]; then
   echo "$RUN is not a finished run; train it at commit 2334896 as this script's comment says" >&2
   exit 2
 fi
-firstskip eval -r "$RUN" -d $D/iwslt2017_de_en --limit 50 --speed-items 4 \
+firstskip eval --dtype float32 -r "$RUN" -d $D/iwslt2017_de_en --limit 50 --speed-items 4 \
   --methods full,lora-only,first,first-nolora,random,last,shortgpt,uls --out "$OUT"
 # FiRST against the strongest static rival at 0.25 (ULS) at skip targets 0.15 and 0.35, as issue4_budgets.sh.
 for t in 0.15 0.35; do
   bash benchmarks/recalibrated_copy.sh "$RUN" $t $D/iwslt2017_de_en
-  firstskip eval -r "$RUN-t$t" -d $D/iwslt2017_de_en --limit 50 --speed-items 4 --methods full,first,uls \
+  firstskip eval --dtype float32 -r "$RUN-t$t" -d $D/iwslt2017_de_en --limit 50 --speed-items 4 --methods full,first,uls \
     --out "$OUT-t$t"
 done

@@ -17,5 +17,5 @@ if [ ! -f "$RUN/model/config.json" ]; then
   exit 2
 fi
 M=full,lora-only,first,first-nolora,random,last,shortgpt,uls
-firstskip eval -r "$RUN" -d $D/boolq -d $D/sst2 --limit 100 --methods $M --out "$OUT-cls"
-firstskip eval -r "$RUN" -d $D/samsum -d $D/xsum --limit 50 --methods $M --out "$OUT-sum"
+firstskip eval --dtype float32 -r "$RUN" -d $D/boolq -d $D/sst2 --limit 100 --methods $M --out "$OUT-cls"
+firstskip eval --dtype float32 -r "$RUN" -d $D/samsum -d $D/xsum --limit 50 --methods $M --out "$OUT-sum"

@@ -14,7 +14,7 @@ for K in 0 1 2; do
     firstskip train -m smollm2-135m --data $D/samsum --data $D/xsum --data $D/boolq --out "$R" --skip-target 0.25 \
       --lora --merge --seed "$K" "$@" $( [ -d "$R" ] && echo --resume )
   fi
-  [ -f "out/eval/${NAME}s$K/results.json" ] || firstskip eval -r "$R" -d $D/samsum --limit 100 --speed-items 0 \
+  [ -f "out/eval/${NAME}s$K/results.json" ] || firstskip eval --dtype float32 -r "$R" -d $D/samsum --limit 100 --speed-items 0 \
     --methods lora-only,first --out "out/eval/${NAME}s$K"
 done
 python "$(dirname "$0")/seed_table.py" out/eval/${NAME}s0 out/eval/${NAME}s1 out/eval/${NAME}s2

@@ -72,6 +72,13 @@ def test_bench_json_reports_three_variants():
     result = json.loads(out.stdout)
     assert {"full", "first", "pruned", "first_over_full", "first_over_pruned"} <= set(result)
     assert result["first"]["skipped_layers"] == [2, 3] and result["full"]["skipped_layers"] == []
+    assert result["setup"]["dtype"] == "int8"  # the default on a CPU: the fastest format that passed
+
+
+def test_the_default_weight_format_follows_the_device():
+    from firstskip.quantize import default_format
+
+    assert default_format("cpu") == "int8" and default_format("cuda:1") == "bfloat16"
 
 
 def test_bench_times_llamacpp_beside_firstskip_when_it_is_installed():

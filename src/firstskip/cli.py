@@ -24,7 +24,9 @@ ModelOpt = Annotated[Optional[str], typer.Option(
     "--model", "-m", help="Base model: packaged name (smollm2-135m), Hugging Face id, folder, or random:<preset>.")]
 RunOpt = Annotated[Optional[Path], typer.Option("--run", "-r", help="A trained run folder (routers, adapter).")]
 SkipOpt = Annotated[Optional[str], typer.Option("--skip", help="Force this skip set, e.g. 3,4,5 (overrides routers).")]
-DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16, float16, or int8 / int4 weights (fastest on a CPU).")]
+DtypeOpt = Annotated[Optional[str], typer.Option(
+    help="float32, bfloat16, float16, int8 or int4 weights (default: int8 on a CPU, bfloat16 on a GPU).",
+    show_default=False)]
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:1 ...")]
 CompileOpt = Annotated[bool, typer.Option("--compile", help="Compile the decode step (torch.compile; about a "
                                           "minute once, then faster decoding; eager where it cannot).")]
@@ -44,7 +46,14 @@ def parse_layers(text: str | None) -> list[int] | None:
     return sorted(layers)
 
 
-def load(model: str | None, run: Path | None, dtype: str = "float32", device: str = "cpu"):
+def weights(dtype: str | None, device: str) -> str:
+    """--dtype, or the fastest format that passed the quality check on this device."""
+    from firstskip.quantize import default_format
+
+    return dtype or default_format(device)
+
+
+def load(model: str | None, run: Path | None, dtype: str, device: str = "cpu"):
     """The FirstSkipModel named by --model or --run (exactly one of them)."""
     from firstskip.modeling import FirstSkipModel
 
@@ -78,7 +87,7 @@ def generate(
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop when this text appears (repeatable).")] = None,
     stream: Annotated[bool, typer.Option(help="Print tokens as they are generated.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = None,
     device: DeviceOpt = "cpu",
 ) -> None:
     """Generate text, skipping the layers the routers (or --skip) choose for this prompt."""
@@ -87,6 +96,7 @@ def generate(
     if prompt is None:
         prompt = sys.stdin.read()
     sampling = Sampling(max_new_tokens, temperature, top_k, top_p, seed)
+    dtype = weights(dtype, device)
     fsm = load(model, run, dtype, device)
     fsm.set_decision(threshold=threshold, budget=budget, prefill=prefill)
     if snapped:
@@ -140,7 +150,7 @@ def bench(
                                                     "types, e.g. Q8_0,Q4_1 (batch 1; needs "
                                                     "benchmarks/setup_llamacpp.sh).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = None,
     device: DeviceOpt = "cpu",
     compile_: CompileOpt = False,
 ) -> None:
@@ -151,6 +161,7 @@ def bench(
                         ("--new-tokens", new_tokens), ("--repeats", repeats)):
         if value < 1:
             raise FirstSkipError(f"{name} must be at least 1, got {value}")
+    dtype = weights(dtype, device)
     fsm = load(model, run, dtype, device)
     layers = parse_layers(skip)
     if layers is None and run is None:
@@ -283,7 +294,7 @@ def eval_(
     speed_items: Annotated[int, typer.Option(
         help="Prompts per dataset timed alone (batch 1, 32 new tokens) for decode speed; 0: none.")] = 8,
     threads: ThreadsOpt = None,
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = None,
     device: DeviceOpt = "cpu",
 ) -> None:
     """Score FiRST against the full model, LoRA-only and static baselines at an equal skip budget."""
@@ -292,7 +303,7 @@ def eval_(
 
     _set_threads(threads)
     results = evaluate_run(run, data, methods, limit, out, batch_size, max_new_tokens, threshold, budget,
-                           calibration_items, speed_items, dtype=dtype, device=device, rivals=[str(r) for r in rival or []])
+                           calibration_items, speed_items, dtype=weights(dtype, device), device=device, rivals=[str(r) for r in rival or []])
     typer.echo("\n".join(summary(results)))
     kept = kept_table(results)
     if kept:
@@ -312,7 +323,7 @@ def inspect_(
     threshold: ThresholdOpt = None,
     budget: BudgetOpt = None,
     threads: ThreadsOpt = None,
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = None,
     device: DeviceOpt = "cpu",
 ) -> None:
     """Draw which layers the routers keep on each dataset (prefill only, no generation)."""
@@ -321,7 +332,7 @@ def inspect_(
     if out.suffix.lower() != ".png":
         raise FirstSkipError(f"--out must name a .png file, got {out}")
     _set_threads(threads)
-    found = inspect_run(run, data, out, limit, batch_size, threshold, budget, dtype, device)
+    found = inspect_run(run, data, out, limit, batch_size, threshold, budget, weights(dtype, device), device)
     for name, d in found.items():
         typer.echo(f"{name} ({d['task']}): {d['items']} items, {d['mean_skipped']:.2f} of "
                    f"{len(d['layer_keep_rate'])} layers skipped on average")
@@ -430,7 +441,7 @@ def export(
     task_set: Annotated[Optional[str], typer.Option(
         help="Remove the skip set the run's routers choose most often on this dataset's test prompts.")] = None,
     limit: Annotated[int, typer.Option(help="Test prompts read for --task-set.")] = 100,
-    dtype: DtypeOpt = "float32",
+    dtype: Annotated[str, typer.Option(help="The checkpoint's dtype: float32, bfloat16 or float16.")] = "float32",
 ) -> None:
     """Write a plain, smaller checkpoint with one skip set's layers removed (LoRA merged)."""
     from firstskip.export import export as export_checkpoint
@@ -462,7 +473,7 @@ def serve(
     grace: Annotated[float, typer.Option(help="On SIGTERM, seconds running requests may take to finish "
                                          "before they are cancelled.")] = 30.0,
     threads: ThreadsOpt = None,
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = None,
     device: DeviceOpt = "cpu",
     compile_: CompileOpt = False,
 ) -> None:
@@ -471,6 +482,7 @@ def serve(
 
     _set_threads(threads)
     typer.echo(f"loading {run or model} ...", err=True)
+    dtype = weights(dtype, device)
     fsm = load(model, run, dtype, device)
     fsm.set_decision(threshold=threshold, budget=budget)
     compiled = compile_ and fsm.engine.compile()

@@ -143,6 +143,14 @@ def _unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor | None:
     return torch.stack([even, odd], 2).reshape(n // 64, k, 64).permute(0, 2, 1).reshape(n, k)
 
 
+def default_format(device: str | torch.device = "cpu") -> str:
+    """The CLI's weight format when none is given: the fastest that passed the quality check
+    (benchmarks/README.md, "Weight formats"). On a CPU that is int8: a trained run decodes faster in
+    int8 with its LoRA merged than in int4 with the LoRA beside, and starts sooner. The packed kernels
+    are CPU ones, so a GPU gets bfloat16."""
+    return "int8" if torch.device(device).type == "cpu" else "bfloat16"
+
+
 def quantize(model: nn.Module, fmt: str) -> nn.Module:
     """Replace every ``nn.Linear`` of the decoder layers with ``fmt``'s `QuantLinear` and the LM head
     with an int8 one, in place, and cast the rest to bfloat16. A tied LM head gets its own
