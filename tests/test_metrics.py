@@ -56,7 +56,7 @@ def test_unknown_task_is_a_one_line_user_error():
 
 
 def test_data_file_alias_qa_yesno_means_yesno():
-    assert _one("qa_yesno", "Yes.", ["yes"], ["no", "yes"]) == {"accuracy": 100.0}
+    assert _one("qa_yesno", "Yes.", ["yes"], ["no", "yes"]) == {"accuracy": 100.0, "answered": 100.0}
 
 
 @pytest.mark.parametrize(
@@ -196,7 +196,7 @@ SST2_CHOICES = ["negative", "positive"]
     ],
 )
 def test_classification_takes_earliest_choice(prediction, gold, correct):
-    assert _one("classification", prediction, [gold], SST2_CHOICES) == {"accuracy": 100.0 * correct}
+    assert _one("classification", prediction, [gold], SST2_CHOICES)["accuracy"] == 100.0 * correct
 
 
 def test_classification_prefers_longer_label_and_falls_back_to_gold_labels():
@@ -218,7 +218,15 @@ def test_classification_prefers_longer_label_and_falls_back_to_gold_labels():
     ],
 )
 def test_yesno(prediction, gold, choices, correct):
-    assert _one("yesno", prediction, [gold], choices) == {"accuracy": 100.0 * correct}
+    assert _one("yesno", prediction, [gold], choices)["accuracy"] == 100.0 * correct
+
+
+@pytest.mark.parametrize("prediction, answered", [("Yes, it did.", True), ("It did, in 2012.", False),
+                                                  ("Nope, not sure", False), ("False.", True)])
+def test_answered_says_whether_the_answer_format_was_kept(prediction, answered):
+    """A wrong label is still an answer; text without any label is a format failure (the base
+    model's BoolQ failure that any LoRA fixes)."""
+    assert _one("yesno", prediction, ["yes"], None)["answered"] == 100.0 * answered
 
 
 # --- bootstrap ----------------------------------------------------------------------------------

@@ -23,8 +23,8 @@ from .errors import FirstSkipError
 TASK_METRICS: dict[str, tuple[str, ...]] = {
     "summarization": ("rougeL", "rouge1", "rouge2"),
     "translation": ("chrf", "bleu"),
-    "classification": ("accuracy",),
-    "yesno": ("accuracy",),
+    "classification": ("accuracy", "answered"),  # answered: a label occurs at all (the answer format)
+    "yesno": ("accuracy", "answered"),
     "qa_open": ("f1", "exact_match"),
     "math": ("accuracy",),
 }
@@ -173,7 +173,7 @@ def _label_scorer(yesno: bool) -> Callable[[str, Sequence[str], Labels], dict[st
     def score(prediction: str, refs: Sequence[str], labels: Labels) -> dict[str, float]:
         answer = extract_label(prediction, labels or (), yesno)
         golds = {_normalise_label(ref, yesno) for ref in refs}
-        return {"accuracy": 100.0 * (answer in golds)}
+        return {"accuracy": 100.0 * (answer in golds), "answered": 100.0 * (answer is not None)}
 
     return score
 
