@@ -13,7 +13,8 @@ round(NN/100 x 30) layers), re-scores every stored prediction item by item and p
   (items resampled within each task);
 - summed over seeds: the same on the seeds' predictions together, resampling test items (each resampled item
   brings its predictions of every seed).
-Extra methods found in an evaluation (uls+lora, plain-lora, oracle, first-snapped) are listed beside.
+Extra methods found in an evaluation (full, uls+lora, plain-lora, oracle, first-snapped) are listed beside, with
+each method's latency per request where the evaluation timed prompts (`benchmarks/fair_rival_latency.sh`).
 """
 
 from __future__ import annotations
@@ -161,8 +162,10 @@ def extras(folder: Path, data_root: Path) -> dict:
             res[m][t] = {"score": ds["methods"][m]["metrics"][ds["primary_metric"]]["score"],
                          "decode_saving": ds["methods"][m]["skip"]["decode_saving"],
                          "vs_lora_only": ds["methods"][m].get("vs", {}).get("lora-only"),
-                         "first_minus": {"diff": float(a.mean() - b.mean()), "low": low, "high": high}}
-        res[m]["mixed"] = {"kept": mix["methods"][m]["quality"], "decode_saving": mix["methods"][m]["decode_saving"]}
+                         "first_minus": {"diff": float(a.mean() - b.mean()), "low": low, "high": high},
+                         **{k: ds["methods"][m]["speed"].get(k) for k in ("latency_s", "decode_tok_s", "ttft_s")}}
+        res[m]["mixed"] = {"kept": mix["methods"][m]["quality"], "decode_saving": mix["methods"][m]["decode_saving"],
+                           "latency_s": mix["methods"][m]["latency_s"]}
         res[m]["layers"] = next(iter(r["datasets"].values()))["methods"][m]["skip"]["layers"]
     return res
 
@@ -241,6 +244,13 @@ def main() -> None:
                     print(f"| {m} | " + " | ".join(f"{x[t]['score']:.1f} ({x[t]['decode_saving']:.3f}) "
                                                    f"[{_diff(x[t]['first_minus'])}]" for t in TASKS)
                           + f" | {x['mixed']['kept']:.3f} ({x['mixed']['decode_saving']:.3f}) | {x['layers']} |")
+                if all(x["mixed"]["latency_s"] is not None for x in ex.values()):
+                    print("\nLatency per request, s (decode tokens/s at batch 1), from the evaluation's timed prompts")
+                    print("| method | " + " | ".join(TASKS) + " | mixed |")
+                    print("|---|---|---|---|---|")
+                    for m, x in ex.items():
+                        print(f"| {m} | " + " | ".join(f"{x[t]['latency_s']:.2f} ({x[t]['decode_tok_s']:.1f})"
+                                                       for t in TASKS) + f" | {x['mixed']['latency_s']:.2f} |")
     for by in [*result["per_seed"].values(), *result["summed"].values()]:
         for c in (by.values() if "tasks" not in by else [by]):
             c.pop("_scores", None)
