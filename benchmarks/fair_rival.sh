@@ -29,37 +29,17 @@ cd "$(dirname "$0")/.."
 # on each other at every parallel region (a ShortGPT + LoRA step took 75 s instead of about 9 s).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
-log() { echo "[fair_rival $(date -u +%H:%M:%S)] $*"; }
+source benchmarks/fair_rival_lib.sh
 
-train() {  # train OUT FLAG...   (resumes an interrupted run)
-  local R=$1; shift
-  if [ ! -f "$R/model/config.json" ]; then
-    log "train $R $*"
-    firstskip train -m smollm2-135m "${DATA[@]}" --out "$R" --lora --merge "$@" $( [ -d "$R" ] && echo --resume )
-  fi
+train() {  # train OUT FLAG...: SmolLM2-135M on the three tasks (resumes an interrupted run)
+  train_run "$1" -m smollm2-135m "${DATA[@]}" "${@:2}"
 }
-
-layers_of() { python -c "import json,sys; print(len(json.load(open(sys.argv[1]+'/config.json'))['static_skip']))" "$1"; }
 
 static_rival() {  # static_rival SPEC NN TARGET K EXPECTED_LAYERS
   local R=runs/$1$2s$4
   train "$R" --skip-target "$3" --static "$1" --seed "$4"
   local n; n=$(layers_of "$R")
   [ "$n" = "$5" ] || { echo "$R skips $n layers, expected $5" >&2; exit 1; }
-}
-
-calibrated_copy() {  # calibrated_copy K NN RIVAL: runs/sec4sK-wNN at the rival's saving
-  local SRC=runs/sec4s$1 C=runs/sec4s$1-w$2
-  local T; T=$(python -c "import json,sys; c=json.load(open(sys.argv[1]+'/config.json')); print(round(len(c['static_skip'])/c['num_layers'], 6))" "$3")
-  if [ ! -f "$C/.calibrated-$T" ]; then
-    log "calibrate $C --saving-target $T"
-    rm -rf "$C" "$C.tmp"
-    mkdir "$C.tmp"
-    cp "$SRC/config.json" "$SRC/train_log.jsonl" "$C.tmp/"
-    for f in model adapter routers.safetensors; do ln -s "$(pwd)/$SRC/$f" "$C.tmp/$f"; done
-    firstskip calibrate -r "$C.tmp" "${DATA[@]}" --saving-target "$T" --snap 8
-    mv "$C.tmp" "$C" && touch "$C/.calibrated-$T"
-  fi
 }
 
 has_methods() {  # has_methods EVAL m1,m2,...: its results.json holds every one of them on every dataset
@@ -81,13 +61,7 @@ evaluate() {  # evaluate K NN METHODS CHECK RIVAL...
   local K=$1 NN=$2 M=$3 CHECK=$4; shift 4
   local O=out/eval/fair-s$K-w$NN
   has_methods "$O" "$CHECK" && return 0
-  if [ "$NN" != 17 ] && [ -d out/eval/fair-s$K-w17/predictions ]; then  # same weights: reuse LoRA-only
-    for f in out/eval/fair-s$K-w17/predictions/*/lora-only.jsonl; do
-      local ds; ds=$(basename "$(dirname "$f")")
-      mkdir -p "$O/predictions/$ds"
-      [ -f "$O/predictions/$ds/lora-only.jsonl" ] || cp "$f" "$O/predictions/$ds/"
-    done
-  fi
+  if [ "$NN" != 17 ]; then reuse_lora_only out/eval/fair-s$K-w17 "$O"; fi  # same weights: LoRA-only
   local RIVALS=(); for r in "$@"; do RIVALS+=(--rival "$r"); done
   log "eval $O $M ${RIVALS[*]}"
   firstskip eval -r runs/sec4s$K-w$NN "${EVAL_DATA[@]}" --limit 100 --speed-items 0 --dtype float32 --methods "$M" \
@@ -99,8 +73,8 @@ verdict() {
     train runs/sec4s$K --skip-target 0.25 --seed "$K"
     static_rival shortgpt 17 0.167 "$K" 5
     static_rival shortgpt 30 0.30 "$K" 9
-    calibrated_copy "$K" 17 runs/shortgpt17s$K
-    calibrated_copy "$K" 30 runs/shortgpt30s$K
+    calibrated_copy runs/sec4s$K runs/sec4s$K-w17 runs/shortgpt17s$K "${DATA[@]}"
+    calibrated_copy runs/sec4s$K runs/sec4s$K-w30 runs/shortgpt30s$K "${DATA[@]}"
     evaluate "$K" 17 lora-only,first lora-only,first,shortgpt+lora runs/shortgpt17s$K
     evaluate "$K" 30 lora-only,first lora-only,first,shortgpt+lora runs/shortgpt30s$K
   done
