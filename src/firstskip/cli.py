@@ -303,7 +303,8 @@ def eval_(
 
     _set_threads(threads)
     results = evaluate_run(run, data, methods, limit, out, batch_size, max_new_tokens, threshold, budget,
-                           calibration_items, speed_items, dtype=weights(dtype, device), device=device, rivals=[str(r) for r in rival or []])
+                           calibration_items, speed_items, dtype=weights(dtype, device), device=device,
+                           rivals=[str(r) for r in rival or []])
     typer.echo("\n".join(summary(results)))
     kept = kept_table(results)
     if kept:
