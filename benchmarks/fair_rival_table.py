@@ -35,8 +35,8 @@ RIVAL = "shortgpt+lora"
 RESAMPLES = 1000
 
 
-def _examples(data_root: Path, name: str) -> list:
-    return load_examples(str(data_root / name), "test", 100)
+def _examples(data_root: Path, name: str, limit: int = 100) -> list:
+    return load_examples(str(data_root / name), "test", limit)
 
 
 def _per_item(folder: Path, ds_name: str, method: str, examples: list, task: str) -> np.ndarray:
@@ -151,7 +151,7 @@ def extras(folder: Path, data_root: Path) -> dict:
     mix = mixed(r)
     per_item = {}
     for t, ds in r["datasets"].items():
-        examples = _examples(data_root, t)
+        examples = _examples(data_root, t, r["settings"]["limit"])
         per_item[t] = {m: _per_item(folder, t, m, examples, ds["task"]) for m in ds["methods"]}
     res = {}
     for m in mix["methods"]:
@@ -190,13 +190,42 @@ def _fmt(c: dict, label: str) -> list[str]:
     return lines
 
 
+def print_extras(folder: Path, data_root: Path) -> dict:
+    """Print `extras` of one evaluation as tables (and latencies where it timed prompts); returns it."""
+    ex = extras(folder, data_root)
+    tasks = [t for t in next(iter(ex.values())) if t not in ("mixed", "layers")]
+    print(f"\nAll methods of {folder}: score (decode saving) [FiRST minus it, paired 95%] per task; "
+          "mixed kept (saving)")
+    print("| method | " + " | ".join(tasks) + " | mixed | layers |")
+    print("|---|" + "---|" * (len(tasks) + 2))
+    for m, x in ex.items():
+        print(f"| {m} | " + " | ".join(f"{x[t]['score']:.1f} ({x[t]['decode_saving']:.3f}) "
+                                       f"[{_diff(x[t]['first_minus'])}]" for t in tasks)
+              + f" | {x['mixed']['kept']:.3f} ({x['mixed']['decode_saving']:.3f}) | {x['layers']} |")
+    if all(x["mixed"]["latency_s"] is not None for x in ex.values()):
+        print("\nLatency per request, s (decode tokens/s at batch 1), from the evaluation's timed prompts")
+        print("| method | " + " | ".join(tasks) + " | mixed |")
+        print("|---|" + "---|" * (len(tasks) + 1))
+        for m, x in ex.items():
+            print(f"| {m} | " + " | ".join(f"{x[t]['latency_s']:.2f} ({x[t]['decode_tok_s']:.1f})"
+                                           for t in tasks) + f" | {x['mixed']['latency_s']:.2f} |")
+    return ex
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--evals", type=Path, default=Path("out/eval"))
     parser.add_argument("--data", type=Path, default=Path("../shared/data"))
     parser.add_argument("--seeds", nargs="+", default=["0", "1", "2"])
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--extras", type=Path, nargs="+",
+                        help="instead: every method of these evaluations against FiRST (e.g. the Qwen ones)")
     args = parser.parse_args()
+    if args.extras:
+        found = {str(f): print_extras(f, args.data) for f in args.extras}
+        if args.out:
+            args.out.write_text(json.dumps(found, indent=1, sort_keys=True) + "\n")
+        return
     result: dict = {"per_seed": {}, "summed": {}, "interpolated": {}, "extras": {}}
     loaded: dict[str, dict[str, tuple[Path, dict]]] = {}
     for k in args.seeds:
@@ -235,22 +264,7 @@ def main() -> None:
     for k, by in loaded.items():
         for nn, (f, r) in by.items():
             if any(m not in ("first", "lora-only") and not m.startswith(RIVAL) for m in r["datasets"]["samsum"]["methods"]):
-                result["extras"][f"s{k}-w{nn}"] = ex = extras(f, args.data)
-                print(f"\nAll methods of {f}: score (decode saving) [FiRST minus it, paired 95%] per task; "
-                      "mixed kept (saving)")
-                print("| method | " + " | ".join(TASKS) + " | mixed | layers |")
-                print("|---|---|---|---|---|---|")
-                for m, x in ex.items():
-                    print(f"| {m} | " + " | ".join(f"{x[t]['score']:.1f} ({x[t]['decode_saving']:.3f}) "
-                                                   f"[{_diff(x[t]['first_minus'])}]" for t in TASKS)
-                          + f" | {x['mixed']['kept']:.3f} ({x['mixed']['decode_saving']:.3f}) | {x['layers']} |")
-                if all(x["mixed"]["latency_s"] is not None for x in ex.values()):
-                    print("\nLatency per request, s (decode tokens/s at batch 1), from the evaluation's timed prompts")
-                    print("| method | " + " | ".join(TASKS) + " | mixed |")
-                    print("|---|---|---|---|---|")
-                    for m, x in ex.items():
-                        print(f"| {m} | " + " | ".join(f"{x[t]['latency_s']:.2f} ({x[t]['decode_tok_s']:.1f})"
-                                                       for t in TASKS) + f" | {x['mixed']['latency_s']:.2f} |")
+                result["extras"][f"s{k}-w{nn}"] = print_extras(f, args.data)
     for by in [*result["per_seed"].values(), *result["summed"].values()]:
         for c in (by.values() if "tasks" not in by else [by]):
             c.pop("_scores", None)
