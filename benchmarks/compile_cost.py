@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from firstskip.artifacts import write_json
 from firstskip.engine import Sampling
 from firstskip.modeling import FirstSkipModel
 
@@ -44,8 +45,7 @@ def main() -> None:
         result["sets"].append({"skip": skip, "first_s": round(first, 3), "again_s": round(again, 3),
                                "new_set_cost_s": round(first - again, 3)})
     print(json.dumps(result))
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

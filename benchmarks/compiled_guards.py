@@ -17,6 +17,7 @@ import time
 import torch
 
 from firstskip import decoding
+from firstskip.artifacts import write_json
 from firstskip.engine import Engine, Sampling
 from firstskip.modeling import FirstSkipModel
 
@@ -56,8 +57,7 @@ def main() -> None:
               "pairs": pairs}
     print(json.dumps({k: v for k, v in result.items() if k != "pairs"}))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import json
 import torch
 from safetensors.torch import load_file
 
+from firstskip.artifacts import write_json
 from firstskip.data import encode_prompt, load_examples
 from firstskip.modeling import FirstSkipModel
 from firstskip.quantize import INT4_GROUP, quantize
@@ -76,8 +77,7 @@ def main() -> None:
     result = {"run": args.run, "weight_change": weights, "logits_kl": {k: round(v, 5) for k, v in kl.items()}}
     print(json.dumps(result))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import torch
 
+from firstskip.artifacts import write_json
 from firstskip.modeling import FirstSkipModel
 
 
@@ -49,8 +50,7 @@ def main() -> None:
               "prefill_no_routers_s": round(forced, 4), "prefill_tokens_per_s": round(args.tokens / routed, 1)}
     print(json.dumps(result))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -145,9 +145,9 @@ def _unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor | None:
 
 def default_format(device: str | torch.device = "cpu") -> str:
     """The CLI's weight format when none is given: the fastest that passed the quality check
-    (benchmarks/README.md, "Weight formats"). On a CPU that is int8: a trained run decodes faster in
-    int8 with its LoRA merged than in int4 with the LoRA beside, and starts sooner. The packed kernels
-    are CPU ones, so a GPU gets bfloat16."""
+    (benchmarks/README.md, "int8 weights" and "int4 weights"). On a CPU that is int8: a trained run
+    decodes faster in int8 with its LoRA merged than in int4 with the LoRA beside, and starts sooner.
+    The packed kernels are CPU ones, so a GPU gets bfloat16."""
     return "int8" if torch.device(device).type == "cpu" else "bfloat16"
 
 
