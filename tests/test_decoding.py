@@ -18,7 +18,6 @@ from firstskip import families
 from firstskip.config import FirstSkipConfig
 from firstskip.decoding import _Group, _SlotsView, _uniform
 from firstskip.engine import Engine, Sampling
-from firstskip.errors import FirstSkipError
 from firstskip.families import decoder_layers
 from firstskip.models import load_model
 from firstskip.quantize import quantize
@@ -124,51 +123,6 @@ def test_requests_joining_and_leaving_a_running_batch_equal_their_solo_runs(fami
     while batch.requests:
         batch.step()
     assert {name: r.generation.token_ids for name, r in requests.items()} == expected
-
-
-CARRYING = [name for name, row in families.FAMILIES.items()
-            if row.layer_step == "llama" and "sliding_window" not in row.tiny]  # no window: prompts ride
-
-
-@pytest.mark.parametrize("family", CARRYING)
-def test_a_prompt_riding_in_a_decode_step_is_prefilled_as_prefill_does(family):
-    eng = engine(tiny(family), routed=True, threshold=0.5)
-    ids = prompt(13, 30)
-    batch = eng.new_batch()
-    eng.join(batch, eng.prefill([prompt(6, 31)]), Sampling(max_new_tokens=8))
-    alone, (rides, ended) = eng.prefill([ids]), eng.prefill_riding(batch, ids)
-    torch.testing.assert_close(rides.logits, alone.logits)
-    torch.testing.assert_close(rides.probs, alone.probs)
-    assert torch.equal(rides.skip, alone.skip) and rides.skip.any() and not ended
-    for ours, theirs in zip(rides.cache.layers, alone.cache.layers):
-        torch.testing.assert_close(ours.keys, theirs.keys)
-        torch.testing.assert_close(ours.values, theirs.values)
-    assert len(batch.requests[0].generation.token_ids) == 2  # the running row took its step in the same pass
-
-
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_requests_prefilled_riding_in_the_running_steps_equal_their_solo_runs(family):
-    eng = engine(tiny(family), routed=True, threshold=0.5)
-    jobs = [(prompt(12, 5), [2, 3], 9), (prompt(5, 6), [], 4), (prompt(14, 7), None, 8), (prompt(7, 8), None, 6),
-            (prompt(3, 9), [0, 1, 2, 3], 5)]
-    expected = [solo(eng, ids, n, skip) for ids, skip, n in jobs]
-    batch, requests = eng.new_batch(), []
-    for step, (ids, skip, n) in enumerate(jobs):
-        pre, _ = eng.prefill_riding(batch, ids, skip)
-        requests += eng.join(batch, pre, Sampling(max_new_tokens=n))
-        if step == 2:
-            batch.step()
-    while batch.requests:
-        batch.step()
-    assert [r.generation.token_ids for r in requests] == expected
-
-
-def test_prompts_ride_only_where_prefill_runs_every_layer_and_attention_has_no_window():
-    assert engine(tiny("llama")).carries() and not engine(tiny("llama"), prefill="routed").carries()
-    assert not engine(tiny("mistral")).carries() and not engine(tiny("gpt2")).carries()
-    eng = engine(tiny("gpt2"))
-    with pytest.raises(FirstSkipError, match="prefill"):
-        eng.prefill_riding(eng.new_batch(), prompt(4, 1))
 
 
 def test_a_cancelled_request_frees_its_slots_and_the_others_go_on():

@@ -27,16 +27,6 @@ def test_smollm2_invariants(smollm2):
         alone = [fsm.generate(p, greedy, skip=SKIP)[0] for p in PROMPTS]
         assert [g.token_ids for g in batch] == [g.token_ids for g in alone]
         assert all(g.skipped_layers == SKIP for g in batch)
-        # 5. a prompt prefilled riding in the running rows' decode step (the server's continuous
-        #    batching) decodes what it decodes alone, and so do the rows it carried
-        running = fsm.engine.new_batch()
-        eos = fsm.eos_token_ids
-        carried = fsm.engine.join(running, fsm.engine.prefill([fsm.encode(PROMPTS[1])], [SKIP]), greedy, eos)
-        pre, _ = fsm.engine.prefill_riding(running, ids, SKIP)
-        rider = fsm.engine.join(running, pre, greedy, eos)
-        while running.requests:
-            running.step()
-        assert [r.generation.token_ids for r in carried + rider] == [g.token_ids for g in alone[::-1]]
     finally:
         fsm.engine.controller.detach()
 

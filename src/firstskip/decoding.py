@@ -14,7 +14,7 @@ import functools
 import shutil
 import types
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -69,61 +69,19 @@ def llama_layer(layer: nn.Module, hidden: torch.Tensor, attention_mask: torch.Te
     module runs as it is. Grouped-query heads attend as ``[n, kv_heads, group, head_dim]`` queries
     against the slots' ``[n, kv_heads, T, head_dim]``, so keys are never repeated.
     """
-    n = hidden.shape[0]
-    q, k, v = _qkv(layer.self_attn, _rms_norm(layer.input_layernorm, hidden), *position_embeddings)
-    out = _attend_slots(layer.self_attn, q, k, v, attention_mask, cache)
-    return _rest(layer, hidden, out.reshape(n, 1, -1))
-
-
-def llama_carry(layer: nn.Module, prompt: torch.Tensor, prompt_rope: tuple[torch.Tensor, torch.Tensor],
-                hidden: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache: _SlotsView | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[torch.Tensor, torch.Tensor]]:
-    """A prompt's pass through a Llama-layout layer (``prompt`` [P, d], causal attention over
-    itself) and, in the same products, one decode step of ``hidden``'s n rows as `llama_layer`
-    takes it. On a CPU a product of P + n rows costs about what one of P rows does, so the running
-    rows' step rides along with a newcomer's prefill. Returns the prompt's and the rows' new states
-    and the prompt's keys and values ``[kv_heads, P, head_dim]``."""
-    attn, p = layer.self_attn, prompt.shape[0]
-    both = prompt if hidden is None else torch.cat([prompt, hidden[:, 0]])
-    cos, sin = prompt_rope if hidden is None else (torch.cat([prompt_rope[0], position_embeddings[0]]),
-                                                   torch.cat([prompt_rope[1], position_embeddings[1]]))
-    q, k, v = _qkv(attn, _rms_norm(layer.input_layernorm, both), cos, sin)
-    keys, values = k[:p].transpose(0, 1), v[:p].transpose(0, 1)
-    out = F.scaled_dot_product_attention(q[:p].transpose(0, 1)[None], keys[None], values[None], is_causal=True,
-                                         scale=attn.scaling, enable_gqa=True)[0].transpose(0, 1).reshape(p, -1)
-    if hidden is not None:
-        rows = _attend_slots(attn, q[p:], k[p:], v[p:], attention_mask, cache)
-        out = torch.cat([out, rows.reshape(hidden.shape[0], -1)])
-    both = _rest(layer, both, out)
-    return both[:p], None if hidden is None else both[p:, None], (keys.contiguous(), values.contiguous())
-
-
-def _qkv(attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Queries [m, heads, head_dim], keys and values [m, kv_heads, head_dim] of m token states,
-    rotated by ``cos``/``sin`` [m, 1, head_dim]."""
-    m = x.shape[0]
-    q = attn.q_proj(x).view(m, -1, attn.head_dim)
-    k = attn.k_proj(x).view(m, -1, attn.head_dim)
-    v = attn.v_proj(x).view(m, -1, attn.head_dim)
+    attn, n = layer.self_attn, hidden.shape[0]
+    x = _rms_norm(layer.input_layernorm, hidden)
+    q = attn.q_proj(x).view(n, -1, attn.head_dim)
+    k = attn.k_proj(x).view(n, -1, attn.head_dim)
+    v = attn.v_proj(x).view(n, -1, attn.head_dim)
     if hasattr(attn, "q_norm"):  # Qwen3 normalises each head's query and key
         q, k = attn.q_norm(q), attn.k_norm(k)
-    return _rotate(q, cos, sin), _rotate(k, cos, sin), v
-
-
-def _attend_slots(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                  cache: _SlotsView) -> torch.Tensor:
-    """One new token per row against its history in the pool: [n, kv_heads, group, head_dim]."""
+    cos, sin = position_embeddings  # [n, 1, head_dim]: broadcast over heads
+    q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
     keys, values = cache.update(k[:, :, None], v[:, :, None])
-    return F.scaled_dot_product_attention(q.view(q.shape[0], k.shape[1], -1, attn.head_dim), keys, values,
-                                          attn_mask=mask, scale=attn.scaling)
-
-
-def _rest(layer: nn.Module, hidden: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-    """The layer after attention: output projection, residual, MLP, residual."""
-    hidden = hidden + layer.self_attn.o_proj(attended)
+    out = F.scaled_dot_product_attention(q.view(n, k.shape[1], -1, attn.head_dim), keys, values,
+                                         attn_mask=attention_mask, scale=attn.scaling)
+    hidden = hidden + attn.o_proj(out.reshape(n, 1, -1))
     return hidden + layer.mlp(_rms_norm(layer.post_attention_layernorm, hidden))
 
 
@@ -207,11 +165,6 @@ class LayerStack:
         self.layers = [functools.partial(step, layer) for layer in self.modules]
         return None
 
-    @property
-    def carries(self) -> bool:
-        """Whether a prompt can ride in a decode step (`carry`): Llama-layout layers, no sliding window."""
-        return self.modules is not None and not self.by_type and all(w is None for w in self.windows)
-
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, pool: KVPool,
                  plan: Sequence[tuple[int, torch.Tensor | None, list[int]]]) -> torch.Tensor:
         """Next-token logits [B, V] for one new token per row.
@@ -222,58 +175,24 @@ class LayerStack:
         hidden = self.embed(tokens[:, None])
         if self.positions is not None:
             hidden = hidden + self.positions(positions[:, None])
-        tables, groups = self._rotary(hidden, positions), {}
+        tables = self._rotary(hidden, positions)
+        groups: dict[int, _Group] = {}
         for layer, rows, lengths in plan:
-            x, kwargs = self._inputs(layer, rows, lengths, hidden, positions, pool, tables, groups)
+            group = groups.get(id(rows))
+            if group is None:
+                group = groups[id(rows)] = _Group(rows, positions, lengths)
+            window = self.windows[layer]
+            if window not in group.masks:
+                group.masks[window] = self._mask(group.positions, group.length, window, hidden.dtype)
+            x = hidden if rows is None else hidden.index_select(0, rows)
+            mask = group.masks[window]
+            kwargs = {"attention_mask": mask, self.cache_key: _SlotsView(pool.layers[layer], group, mask)}
+            if tables is not None:
+                cos, sin = tables[self.types[layer]] if self.by_type else tables
+                kwargs["position_embeddings"] = (cos, sin) if rows is None else (cos[rows], sin[rows])
             out = self.layers[layer](x, **kwargs)
             hidden = out if rows is None else hidden.index_copy(0, rows, out)
-        return self._logits(hidden[:, -1])
-
-    def carry(self, tokens: torch.Tensor, positions: torch.Tensor, pool: KVPool,
-              plan: Sequence[tuple[int, torch.Tensor | None, list[int]]], rider: Rider) -> torch.Tensor:
-        """`__call__` with a newcomer's prompt in the same products (`llama_carry`): the prompt runs
-        every layer, as `full` prefill does; ``rider`` gets its logits and its keys and values."""
-        prompt = self.embed(rider.ids)
-        cos, sin = self.rotary(prompt[None], torch.arange(len(rider.ids), device=prompt.device)[None])
-        prompt_rope = (cos[0, :, None], sin[0, :, None])  # [P, 1, head_dim]
-        hidden = self.embed(tokens[:, None])
-        tables, groups = self._rotary(hidden, positions), {}
-        kept = {layer: (rows, lengths) for layer, rows, lengths in plan}
-        for layer, module in enumerate(self.modules):
-            if rider.score is not None:
-                rider.score(layer, prompt[None])
-            if layer not in kept:
-                prompt, _, kv = llama_carry(module, prompt, prompt_rope)
-            else:
-                rows, lengths = kept[layer]
-                x, kwargs = self._inputs(layer, rows, lengths, hidden, positions, pool, tables, groups)
-                prompt, out, kv = llama_carry(module, prompt, prompt_rope, x, **kwargs)
-                hidden = out if rows is None else hidden.index_copy(0, rows, out)
-            rider.kv.append(kv)
-        logits = self._logits(torch.cat([hidden[:, -1], prompt[-1:]]))
-        rider.logits = logits[-1]
-        return logits[:-1]
-
-    def _inputs(self, layer: int, rows: torch.Tensor | None, lengths: list[int], hidden: torch.Tensor,
-                positions: torch.Tensor, pool: KVPool, tables: Any, groups: dict[int, _Group]
-                ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """A layer's rows of ``hidden`` and its keyword arguments: mask, cache view, rotary tables.
-        Layers with the same rows share a `_Group` (in ``groups``)."""
-        group = groups.get(id(rows))
-        if group is None:
-            group = groups[id(rows)] = _Group(rows, positions, lengths)
-        window = self.windows[layer]
-        if window not in group.masks:
-            group.masks[window] = self._mask(group.positions, group.length, window, hidden.dtype)
-        mask = group.masks[window]
-        kwargs = {"attention_mask": mask, self.cache_key: _SlotsView(pool.layers[layer], group, mask)}
-        if tables is not None:
-            cos, sin = tables[self.types[layer]] if self.by_type else tables
-            kwargs["position_embeddings"] = (cos, sin) if rows is None else (cos[rows], sin[rows])
-        return (hidden if rows is None else hidden.index_select(0, rows)), kwargs
-
-    def _logits(self, last: torch.Tensor) -> torch.Tensor:
-        logits = self.head(self.norm(last))
+        logits = self.head(self.norm(hidden))[:, -1]
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
@@ -312,16 +231,6 @@ class Request:
     done: bool = False
 
 
-@dataclass(eq=False)
-class Rider:
-    """A newcomer's prompt carried through the running batch's next decode step (`Batch.step`)."""
-
-    ids: torch.Tensor  # [P]
-    score: Callable[[int, torch.Tensor], None] | None = None  # (layer, prompt state [1, P, d] entering it)
-    logits: torch.Tensor | None = None  # [V], set by the step
-    kv: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per layer [kv_heads, P, head_dim]
-
-
 class Batch:
     """The running batch of one engine: requests join after prefill and leave between steps."""
 
@@ -344,23 +253,20 @@ class Batch:
         self._plan = None
 
     @torch.inference_mode()
-    def step(self, rider: Rider | None = None) -> list[Request]:
+    def step(self) -> list[Request]:
         """Feed every request its last token, sample the next; return the requests that ended (they
-        have left the batch). ``rider``: a prompt prefilled in the same products (`LayerStack.carry`)."""
-        if not self.requests and rider is None:
+        have left the batch)."""
+        if not self.requests:
             return []
         device = self.pool_device()
-        tokens = torch.tensor([r.token for r in self.requests], dtype=torch.long, device=device)
-        positions = torch.tensor([r.length for r in self.requests], dtype=torch.long, device=device)
+        tokens = torch.tensor([r.token for r in self.requests], device=device)
+        positions = torch.tensor([r.length for r in self.requests], device=device)
         lengths: dict[int, list[int]] = {}  # per owner group, not per layer
         for _, rows, owners in self.plan():
             if id(rows) not in lengths:
                 lengths[id(rows)] = [r.length for r in owners]
         plan = [(layer, rows, lengths[id(rows)]) for layer, rows, _ in self.plan()]
-        if rider is None:
-            logits = self.stack(tokens, positions, self.pool, plan)
-        else:
-            logits = self.stack.carry(tokens, positions, self.pool, plan, rider)
+        logits = self.stack(tokens, positions, self.pool, plan)
         # argmax in float32: torch's bfloat16 argmax is about 3x slower on CPU, and the same token
         greedy = logits.float().argmax(-1).tolist() if any(r.greedy for r in self.requests) else None
         ended = []

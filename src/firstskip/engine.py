@@ -20,7 +20,7 @@ import torch
 from transformers import DynamicCache
 
 from firstskip.config import FirstSkipConfig
-from firstskip.decoding import Batch, LayerStack, Request, Rider, StopFn
+from firstskip.decoding import Batch, LayerStack, Request, StopFn
 from firstskip.errors import FirstSkipError
 from firstskip.families import cache_kwargs, family_of
 from firstskip.routers import RouterBank, decide
@@ -141,41 +141,6 @@ class Engine:
         skip_mask = _final_skip(config, forced, state.skip, probs, len(prompts), self.device)
         return Prefilled(logits, cache, None if mask.all() else mask, positions[:, -1], skip_mask, probs,
                          [len(p) for p in prompts])
-
-    def carries(self, config: FirstSkipConfig | None = None) -> bool:
-        """Whether `prefill_riding` can prefill with these decision settings (`full` prefill of a
-        Llama-layout model without sliding windows); otherwise `prefill`."""
-        return self.stack is not None and self.stack.carries and (config or self.config).prefill == "full"
-
-    @torch.inference_mode()
-    def prefill_riding(self, batch: Batch, prompt: Sequence[int], skip: Sequence[int] | None = None,
-                       config: FirstSkipConfig | None = None) -> tuple[Prefilled, list[Request]]:
-        """Prefill one prompt inside ``batch``'s next decode step: the running rows take their next
-        token in the same products as the prompt's pass (on a CPU nearly free beside it), as a
-        server's continuous batching wants. The same decisions as `prefill`; returns the prompt's
-        `Prefilled` (join it to the batch) and the running requests that ended in that step."""
-        config = config or self.config
-        if not self.carries(config):
-            raise FirstSkipError("this model or decision mode prefills through the model's forward: use prefill()")
-        routers = self.routers is not None
-        if skip is None and config.static_skip is not None:  # a static-set run: no router decides
-            skip, routers = config.static_skip, False
-        ids, mask = self._left_pad([prompt])
-        forced = self.forced_skip(None if skip is None else [skip], 1)
-        probs: list[torch.Tensor] = []
-        score = None
-        if routers:
-            def score(layer: int, hidden: torch.Tensor) -> None:
-                probs.append(self.routers.keep_probability(layer, hidden, mask))
-        rider = Rider(ids[0], score)
-        ended = batch.step(rider)
-        cache = DynamicCache()
-        for layer, (keys, values) in enumerate(rider.kv):
-            cache.update(keys[None], values[None], layer)
-        stacked = torch.stack(probs, dim=-1) if probs else None
-        pre = Prefilled(rider.logits[None], cache, None, torch.tensor([len(prompt) - 1], device=self.device),
-                        _final_skip(config, forced, None, stacked, 1, self.device), stacked, [len(prompt)])
-        return pre, ended
 
     def forced_skip(self, skip: Sequence[Sequence[int]] | None, batch: int) -> torch.Tensor | None:
         if skip is None:

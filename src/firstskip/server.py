@@ -23,7 +23,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
@@ -264,11 +264,10 @@ class EngineWorker:
                     continue
                 admit = self._take(self.max_batch_size - len(self.running),
                                    PREFILLS_PER_STEP if self.running else self.max_batch_size)
-            rode = False
             for job in admit:
-                rode |= self._admit(job)
+                self._admit(job)
             self._drop_cancelled()
-            if self.batch.requests and not rode:  # a prefill that carried the running rows was their step
+            if self.batch.requests:
                 try:
                     self._step()
                 except Exception as err:  # noqa: BLE001  (the running requests fail, the server goes on)
@@ -287,25 +286,17 @@ class EngineWorker:
                 taken.append(job)
         return taken
 
-    def _admit(self, job: Job) -> bool:
-        """Prefill ``job`` and add it to the batch; where the engine can, its prefill carries the
-        running rows' next step (returns True then)."""
-        skip, rode = None if job.skip is None else [job.skip], False
+    def _admit(self, job: Job) -> None:
         try:
-            if self.engine.carries(job.config):
-                carried = bool(self.batch.requests)
-                pre = self._step(lambda: self.engine.prefill_riding(self.batch, job.ids, job.skip, job.config))
-                rode = carried
-            else:
-                pre = self.engine.prefill([job.ids], skip, config=job.config)
+            pre = self.engine.prefill([job.ids], None if job.skip is None else [job.skip], config=job.config)
             (request,) = self.engine.join(self.batch, pre, job.sampling, self.fsm.eos_token_ids,
                                           self.fsm._stop_fn(job.stop))
         except FirstSkipError as err:
             job.post("error", APIError(400, str(err)))
-            return rode
+            return
         except Exception as err:  # noqa: BLE001  (reported to the client, the server goes on)
             job.post("error", APIError(500, f"prefill failed: {type(err).__name__}: {err}", kind="server_error"))
-            return rode
+            return
         job.request = request
         gen = request.generation
         self.metrics.observe_start(time.perf_counter() - job.arrived, len(job.ids), len(gen.token_ids),
@@ -316,7 +307,6 @@ class EngineWorker:
         else:
             self.running[id(request)] = job
             self._send(job)
-        return rode
 
     def _drop_cancelled(self) -> None:
         for job in [j for j in self.running.values() if j.cancelled]:
@@ -325,21 +315,17 @@ class EngineWorker:
             self._count("cancelled")
             job.post("done", None)
 
-    def _step(self, run: Callable[[], tuple[Any, list[Any]]] | None = None) -> Any:
-        """One decode step of the running rows: ``run`` (a prefill that carries them, returning its
-        result and the requests that ended) or a plain step. Hands out their tokens."""
+    def _step(self) -> None:
         rows = len(self.batch.requests)
         layer_runs = sum(len(owners) for _, _, owners in self.batch.plan())  # a row per layer that runs for it
         before = sum(len(j.request.generation.token_ids) for j in self.running.values())
-        result, ended = run() if run is not None else (None, self.batch.step())
+        ended = self.batch.step()
         after = sum(len(j.request.generation.token_ids) for j in self.running.values())
-        if rows:
-            self.metrics.observe_step(rows, after - before, layer_runs, self.fsm.config.num_layers)
+        self.metrics.observe_step(rows, after - before, layer_runs, self.fsm.config.num_layers)
         for job in self.running.values():
             self._send(job)
         for request in ended:
             self._finish(self.running.pop(id(request)))
-        return result
 
     def _fail_running(self, error: APIError) -> None:
         for job in list(self.running.values()):
