@@ -16,7 +16,11 @@
 # at a time. Train flags are limited to -m --data --out --skip-target --lora --merge --seed --static --resume;
 # evaluations pin --dtype float32.
 #
-# Usage: [SEEDS="0 1 2"] bash benchmarks/fair_rival.sh [verdict|extras|tables] ...   (default: all three, in order)
+# VARIANT=tw: method change 1 (docs/experiments/2026-12-06-token-weighted-routers.md), FiRST trained at a
+# token-weighted decode saving of 0.25 (train --saving-target 0.25) instead of a per-prompt skip target, against
+# the same rivals: runs/sec4twsK, runs/sec4twsK-wNN, out/eval/fair-tw-sK-wNN, tables *_tw*.
+#
+# Usage: [VARIANT=tw] [SEEDS="0 1 2"] bash benchmarks/fair_rival.sh [verdict|extras|tables] ...   (default: all three, in order)
 # Results: docs/results.md, docs/experiments/2026-12-06-fair-rival-seeds.md (SEEDS=0 ran; tables write
 # benchmarks/results/fair_rival_smollm2.json and fair_rival_pareto_sK.json).
 set -euo pipefail
@@ -24,6 +28,10 @@ D=../shared/data
 DATA=(--data $D/samsum --data $D/xsum --data $D/boolq)
 EVAL_DATA=(-d $D/samsum -d $D/xsum -d $D/boolq)
 SEEDS=${SEEDS:-"0 1 2"}
+V=${VARIANT:-}
+FIRST=runs/sec4${V}s  # + seed
+EV=out/eval/fair${V:+-$V}-s  # + seed-wNN
+TARGET=(--skip-target 0.25); [ "$V" = tw ] && TARGET=(--saving-target 0.25)
 cd "$(dirname "$0")/.."
 # One torch thread: on the 2-core machine other jobs ran beside this one, and torch's two threads then waited
 # on each other at every parallel region (a ShortGPT + LoRA step took 75 s instead of about 9 s).
@@ -59,22 +67,22 @@ EOF
 
 evaluate() {  # evaluate K NN METHODS CHECK RIVAL...
   local K=$1 NN=$2 M=$3 CHECK=$4; shift 4
-  local O=out/eval/fair-s$K-w$NN
+  local O=$EV$K-w$NN
   has_methods "$O" "$CHECK" && return 0
-  if [ "$NN" != 17 ]; then reuse_lora_only out/eval/fair-s$K-w17 "$O"; fi  # same weights: LoRA-only
+  if [ "$NN" != 17 ]; then reuse_lora_only $EV$K-w17 "$O"; fi  # same weights: LoRA-only
   local RIVALS=(); for r in "$@"; do RIVALS+=(--rival "$r"); done
   log "eval $O $M ${RIVALS[*]}"
-  firstskip eval -r runs/sec4s$K-w$NN "${EVAL_DATA[@]}" --limit 100 --speed-items 0 --dtype float32 --methods "$M" \
+  firstskip eval -r $FIRST$K-w$NN "${EVAL_DATA[@]}" --limit 100 --speed-items 0 --dtype float32 --methods "$M" \
     "${RIVALS[@]}" --out "$O"
 }
 
 verdict() {
   for K in $SEEDS; do
-    train runs/sec4s$K --skip-target 0.25 --seed "$K"
+    train $FIRST$K "${TARGET[@]}" --seed "$K"
     static_rival shortgpt 17 0.167 "$K" 5
     static_rival shortgpt 30 0.30 "$K" 9
-    calibrated_copy runs/sec4s$K runs/sec4s$K-w17 runs/shortgpt17s$K "${DATA[@]}"
-    calibrated_copy runs/sec4s$K runs/sec4s$K-w30 runs/shortgpt30s$K "${DATA[@]}"
+    calibrated_copy $FIRST$K $FIRST$K-w17 runs/shortgpt17s$K "${DATA[@]}"
+    calibrated_copy $FIRST$K $FIRST$K-w30 runs/shortgpt30s$K "${DATA[@]}"
     evaluate "$K" 17 lora-only,first lora-only,first,shortgpt+lora runs/shortgpt17s$K
     evaluate "$K" 30 lora-only,first lora-only,first,shortgpt+lora runs/shortgpt30s$K
   done
@@ -92,12 +100,13 @@ extras() {  # seed 0, budget 0.30: the oracle and snapped FiRST (no training), t
 tables() {
   mkdir -p out/fair_rival
   for K in $SEEDS; do
-    if has_methods out/eval/fair-s$K-w17 first && has_methods out/eval/fair-s$K-w30 first; then
-      python -m firstskip.evaluate.pareto out/eval/fair-s$K-w17 out/eval/fair-s$K-w30 --out out/fair_rival/pareto-s$K.png
-      cp out/fair_rival/pareto-s$K.json benchmarks/results/fair_rival_pareto_s$K.json
+    if has_methods $EV$K-w17 first && has_methods $EV$K-w30 first; then
+      python -m firstskip.evaluate.pareto $EV$K-w17 $EV$K-w30 --out out/fair_rival/pareto${V:+-$V}-s$K.png
+      cp out/fair_rival/pareto${V:+-$V}-s$K.json benchmarks/results/fair_rival_pareto${V:+_$V}_s$K.json
     fi
   done
-  python benchmarks/fair_rival_table.py --seeds $SEEDS --out benchmarks/results/fair_rival_smollm2.json
+  python benchmarks/fair_rival_table.py --prefix "fair${V:+-$V}" --seeds $SEEDS \
+    --out benchmarks/results/fair_rival_smollm2${V:+_$V}.json
 }
 
 STAGES=("$@"); [ ${#STAGES[@]} -gt 0 ] || STAGES=(verdict extras tables)

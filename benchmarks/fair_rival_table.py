@@ -217,6 +217,7 @@ def main() -> None:
     parser.add_argument("--evals", type=Path, default=Path("out/eval"))
     parser.add_argument("--data", type=Path, default=Path("../shared/data"))
     parser.add_argument("--seeds", nargs="+", default=["0", "1", "2"])
+    parser.add_argument("--prefix", default="fair", help="evaluations PREFIX-sK-wNN (fair-tw: method change 1)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--extras", type=Path, nargs="+",
                         help="instead: every method of these evaluations against FiRST (e.g. the Qwen ones)")
@@ -230,7 +231,7 @@ def main() -> None:
     loaded: dict[str, dict[str, tuple[Path, dict]]] = {}
     for k in args.seeds:
         for nn in BUDGETS:
-            f = args.evals / f"fair-s{k}-w{nn}"
+            f = args.evals / f"{args.prefix}-s{k}-w{nn}"
             if (f / "results.json").is_file():
                 r = json.loads((f / "results.json").read_text())
                 if len(r["datasets"]) == len(TASKS) and all(

@@ -290,6 +290,19 @@ def test_secant_draws_pick_that_many_skippable_layers_a_row_from_seed_and_step_a
     assert torch.equal(second[0], picked[1::2]) and torch.equal(second[1], at[1::2])
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_token_weighted_targets_pull_rows_by_their_response_tokens(weighted):
+    """A decode-saving target: a one-token answer's row is barely pulled towards skipping, a long one's is."""
+    objective = phases.RouterObjective(fresh(), RouterTraining(skip_target=0.25, token_weighted=weighted))
+    p = torch.full((2, 4), 0.9, requires_grad=True)
+    tokens = torch.tensor([30, 1])
+    info = loop.StepInfo(step=0, total=10, tokens=31, rows=2, reduce=lambda t: t, gather=lambda t: t)
+    objective.target_term(p, tokens, info).backward()
+    long_row, short_row = p.grad[:, 0].tolist()
+    assert long_row > 0 and short_row > 0  # keep-probabilities above the target are pulled down
+    assert long_row / short_row == pytest.approx(30 if weighted else 1)
+
+
 def test_routers_learn_to_skip_the_layers_the_data_rewards(phase1_run, data):
     losses = [r["loss"] for r in log(phase1_run, "routers")]
     assert sum(losses[-8:]) / 8 < sum(losses[:8]) / 8
@@ -585,12 +598,25 @@ def test_recipe_resumes_after_a_crash_around_calibration(text_tiny, tmp_path, mo
     (["--merge"], "add --lora"),
     (["--resume", "--overwrite"], "one of them"),
     (["--skip-target", "0.9"], "skippable"),
+    (["--skip-target", "0.2", "--saving-target", "0.2"], "not both"),
 ])
 def test_train_command_errors_are_one_line(text_tiny, tmp_path, args, message):
     result = CliRunner().invoke(app, ["train", "-m", TINY, "--data", text_tiny[1], "--out", str(tmp_path / "r"),
                                       "--max-steps", "1", "--limit", "4", *args])
     assert isinstance(result.exception, FirstSkipError) and message in str(result.exception)
     assert "\n" not in str(result.exception)
+
+
+def test_a_saving_target_trains_token_weighted_routers_and_calibrates_to_that_saving(text_tiny, tmp_path):
+    result = CliRunner().invoke(app, ["train", "-m", TINY, "--data", text_tiny[0], "--data", text_tiny[1], "--out",
+                                      str(tmp_path), "--saving-target", "0.3", "--max-steps", "2", "--limit", "8",
+                                      "--batch-size", "4", "--holdout", "6", "--max-length", "48"])
+    assert result.exit_code == 0, result.output
+    training = artifacts.load_config(tmp_path).training
+    assert training["routers"]["token_weighted"] and training["routers"]["skip_target"] == 0.3
+    calibration = training["calibration"]
+    assert calibration["saving_target"] == 0.3 and calibration["skip_target"] is None
+    assert calibration["saving"] == pytest.approx(0.3, abs=0.1)  # as near as 12 prompts' decisions allow
 
 
 def test_calibrate_command_stores_the_threshold(text_tiny, tmp_path, monkeypatch):

@@ -354,6 +354,8 @@ def train(
     data: DataOpt,
     out: Annotated[Path, typer.Option("--out", "-o", help="The run folder to write.")],
     skip_target: Annotated[Optional[float], typer.Option(help="Fraction of layers to skip on average.")] = None,
+    saving_target: Annotated[Optional[float], typer.Option(
+        help="Or: fraction of the layer executions to save over the generated tokens (token-weighted).")] = None,
     lam: Annotated[Optional[float], typer.Option("--lambda", help="λ mode instead of a target (λ = 0.01).")] = None,
     lora: Annotated[bool, typer.Option(help="Then train LoRA under the skip sets.", show_default=False)] = False,
     merge: Annotated[bool, typer.Option(help="Also save merged weights (RUN/model).", show_default=False)] = False,
@@ -380,11 +382,17 @@ def train(
     from firstskip.train import train as train_run
 
     _set_threads(threads)
+    if skip_target is not None and saving_target is not None:
+        raise FirstSkipError("give --skip-target or --saving-target, not both")
+    if saving_target is not None:
+        skip_target, weighted = saving_target, {"token_weighted": True}
+    else:
+        weighted = {}
     options = dict(skip_target=skip_target, lam=lam, max_steps=max_steps, epochs=epochs, lr=lr, batch_size=batch_size,
                    seed=seed, limit=limit, max_length=max_length, holdout=holdout, lora_steps=lora_steps,
                    lora_lr=lora_lr, lora_rank=lora_rank, device=device, static=static)
     fsm = train_run(model, data, out, lora=lora, merge=merge, resume=resume, overwrite=overwrite, dtype=dtype,
-                    **{k: v for k, v in options.items() if v is not None})
+                    **weighted, **{k: v for k, v in options.items() if v is not None})
     typer.echo(json.dumps({"run": str(out), "threshold": fsm.config.threshold,
                            "calibration": fsm.config.training.get("calibration"), "static_skip": fsm.config.static_skip}))
 

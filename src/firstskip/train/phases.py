@@ -55,6 +55,10 @@ class RouterTraining(LoopSettings):
     ``distill``: the weight of KL(the frozen model with every layer || the gated one) per response
     token, added to the fit term. The CE sees only the reference token's probability; the KL sees the
     whole next-token distribution a skipped layer moves, which greedy decoding follows (docs/training.md).
+    ``token_weighted`` (research, off): in target mode, ``skip_target`` is a token-weighted decode saving:
+    each row's keep-probabilities weigh its response tokens in R and in the batch's hard threshold, so
+    the pull towards skipping lands on prompts whose answers are long, where a skip saves decode work,
+    and hardly on one-token answers (docs/experiments/, "token-weighted routers").
     ``secant`` (default 4): in the hard stage, the number of gates per row that run at a uniform random
     value in (0, 1) and alone carry the fit's gradient to p, scaled by S / secant (S skippable layers).
     The slope at a uniform point averages to L(keep) - L(skip), the cost of the decision itself. The
@@ -77,7 +81,9 @@ class RouterTraining(LoopSettings):
     min_prefix: float = 0.1  # of the prompt's pooled tokens
     distill: float = 3.0  # weight of KL(base with every layer || gated) per response token, added to the CE
     secant: int = 4  # hard stage: gates per row at a random value whose slope alone trains p (0: straight-through)
-    before_they_existed: ClassVar[dict[str, Any]] = {"prefixes": 0.0, "min_prefix": 0.1, "distill": 0.0, "secant": 0}
+    token_weighted: bool = False  # target mode: the target is a decode saving, each row weighing its response tokens
+    before_they_existed: ClassVar[dict[str, Any]] = {"prefixes": 0.0, "min_prefix": 0.1, "distill": 0.0, "secant": 0,
+                                                     "token_weighted": False}
     no_longer_used: ClassVar[dict[str, Any]] = {"per_example": False, "row_tokens": None, "on_policy": 0.0,
                                                 "leave_one_out": False}
 
@@ -124,22 +130,16 @@ class RouterObjective(nn.Module):
         return self.settings.hard_from is not None and info.step >= self.settings.hard_from * info.total
 
     def forward(self, batch: Batch, info: StepInfo) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        tokens = (batch.labels != -100).sum(-1)
         ce, probs, kl = prompt_then_response(self.model, self.controller, self.routers, batch,
-                                             lambda probs: self._gate(probs, info), self._shares(info),
+                                             lambda probs: self._gate(probs, info, tokens), self._shares(info),
                                              self.settings.distill > 0)
         kl = torch.zeros_like(ce) if kl is None else kl
         fit_rows = ce + self.settings.distill * kl
-        tokens = (batch.labels != -100).sum(-1)
         p = probs[:, self.skippable]
         count = info.rows * len(self.skippable)  # global: sums over rows and layers divide by this
         keep_sum, polar_sum = p.sum(), (p * (1 - p)).sum()
-        if self.target is None:
-            reg = self.settings.lam * keep_sum / count
-        else:
-            # d/dp of w (mean - r*)^2 needs the mean over the *global* batch; with it as a constant,
-            # this term has exactly that gradient on every process.
-            mean = info.reduce(keep_sum.detach()) / count
-            reg = 2 * self.settings.target_weight * (mean - self.target) * keep_sum / count
+        reg = self.settings.lam * keep_sum / count if self.target is None else self.target_term(p, tokens, info)
         fit = fit_rows.sum() / info.tokens
         loss = fit + reg + self.settings.polarize * polar_sum / count
         ce, kl = ce.detach(), kl.detach()
@@ -149,6 +149,18 @@ class RouterObjective(nn.Module):
                  "polar": polar_sum.detach(),
                  "skipped": (p.detach() < self.config.threshold).sum().float()}
         return loss, stats
+
+    def target_term(self, p: torch.Tensor, tokens: torch.Tensor, info: StepInfo) -> torch.Tensor:
+        """The target penalty's surrogate for this process's rows ``p`` [rows, skippable layers]:
+        d/dp of w (R - r*)^2 needs R over the *global* batch; with it as a constant, this term has
+        exactly that gradient on every process. R is the mean keep-probability, or with
+        ``token_weighted`` its mean with each row weighing its response ``tokens``."""
+        if self.settings.token_weighted:
+            total, count = (p * tokens[:, None]).sum(), info.tokens * p.shape[1]
+        else:
+            total, count = p.sum(), info.rows * p.shape[1]
+        mean = info.reduce(total.detach()) / count
+        return 2 * self.settings.target_weight * (mean - self.target) * total / count
 
     def _shares(self, info: StepInfo) -> torch.Tensor | None:
         """Each local row's share of its prompt the routers read."""
@@ -165,14 +177,15 @@ class RouterObjective(nn.Module):
         values = torch.rand(n, info.rows, generator=generator)
         return values[:, info.rank::info.world].to(next(self.routers.parameters()).device)
 
-    def _gate(self, probs: torch.Tensor, info: StepInfo) -> GateFn:
+    def _gate(self, probs: torch.Tensor, info: StepInfo, tokens: torch.Tensor) -> GateFn:
         """Soft gates, then hard ones (secant or straight-through slopes). In target mode the hard
         threshold is the one that meets the target on this batch, as calibration will choose it for
         inference; a fixed 0.5 would skip far fewer layers while the mean keep-probability sits at the
         target."""
         self._tau = None
         if self.target is not None:
-            self._tau = threshold_for_ratio(info.gather(probs.detach()), self.config, self.settings.skip_target)
+            weights = info.gather(tokens).tolist() if self.settings.token_weighted else None
+            self._tau = threshold_for_ratio(info.gather(probs.detach()), self.config, self.settings.skip_target, weights)
         if not self.hard(info):
             return lambda layer, p: p
         tau = self.settings.hard_threshold or (self.config.threshold if self._tau is None else self._tau)

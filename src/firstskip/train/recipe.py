@@ -40,7 +40,7 @@ def train(model: str, data: Sequence[str], out: str | os.PathLike, *, skip_targe
           epochs: float | None = None, lr: float | None = None, batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0,
           limit: int | None = None, max_length: int = DEFAULT_MAX_LENGTH, holdout: int = DEFAULT_HOLDOUT,
           lora_steps: int | None = None, lora_lr: float | None = None, lora_rank: int | None = None,
-          static: str | None = None, resume: bool = False, overwrite: bool = False, dtype: str = "float32",
+          static: str | None = None, token_weighted: bool = False, resume: bool = False, overwrite: bool = False, dtype: str = "float32",
           device: str | None = None, progress: bool = True) -> FirstSkipModel:
     """Train routers (and LoRA) on one or more datasets into the run folder ``out``.
 
@@ -49,6 +49,8 @@ def train(model: str, data: Sequence[str], out: str | os.PathLike, *, skip_targe
         data: dataset specs (folder, .jsonl, ``hf:``, ``builtin:``); their train splits are mixed.
         out: the run folder.
         skip_target: target mode: skip this fraction of all layers on average (then calibrated).
+        token_weighted: the target is a token-weighted decode saving instead (`RouterTraining`), and
+            calibration meets it as one (`calibrate`'s ``saving_target``).
         lam: λ mode: weight of the mean keep-probability (default 0.01 when no target is given).
         lora: run phase 2 (LoRA under the learned skip sets) after the routers.
         merge: save the adapter merged into the weights as well (needs ``lora``).
@@ -81,7 +83,7 @@ def train(model: str, data: Sequence[str], out: str | os.PathLike, *, skip_targe
         raise FirstSkipError(f"training needs float weights; {dtype} is for generate, eval, bench and serve")
     length = {"steps": None, "epochs": epochs} if epochs is not None else _given(steps=max_steps)
     routers_settings = RouterTraining(**length, **_given(lr=lr, lam=lam), batch_size=batch_size, seed=seed,
-                                      skip_target=skip_target)
+                                      skip_target=skip_target, token_weighted=token_weighted)
     lora_length = _given(steps=lora_steps) or length
     lora_settings = LoraTraining(**lora_length, **_given(lr=lora_lr, rank=lora_rank), batch_size=batch_size, seed=seed)
     _prepare_out(out, resume, overwrite)  # only once every setting is valid: --overwrite must not lose a run to a typo
@@ -98,15 +100,16 @@ def train(model: str, data: Sequence[str], out: str | os.PathLike, *, skip_targe
     # Each step below is skipped when the run already records it, so --resume picks up after any of them.
     if routed and "routers" not in fsm.config.training:
         train_routers(fsm, encoded, out, routers_settings, resume=resume, progress=progress)
+    target = {"saving_target" if token_weighted else "skip_target": skip_target}
     if routed and skip_target is not None and "calibration" not in fsm.config.training:
-        calibrate(out, held_out, skip_target, model=fsm)  # whole prompts, as inference will score them
+        calibrate(out, held_out, **target, model=fsm)  # whole prompts, as inference will score them
     if lora and fsm.config.lora is None:
         train_lora(fsm, encoded, out, lora_settings, merge=merge, resume=resume, progress=progress)
     if routed and lora and skip_target is not None and "calibration_before_lora" not in fsm.config.training:
         # The adapter moves the routers' inputs a little: calibrate again, keeping the first one.
         fsm.update_config(training={**fsm.config.training,
                                     "calibration_before_lora": fsm.config.training["calibration"]})
-        calibrate(out, held_out, skip_target, model=fsm)
+        calibrate(out, held_out, **target, model=fsm)
     return fsm
 
 
