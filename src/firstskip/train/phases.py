@@ -55,10 +55,11 @@ class RouterTraining(LoopSettings):
     ``distill``: the weight of KL(the frozen model with every layer || the gated one) per response
     token, added to the fit term. The CE sees only the reference token's probability; the KL sees the
     whole next-token distribution a skipped layer moves, which greedy decoding follows (docs/training.md).
-    ``token_weighted`` (research, off): in target mode, ``skip_target`` is a token-weighted decode saving:
-    each row's keep-probabilities weigh its response tokens in R and in the batch's hard threshold, so
-    the pull towards skipping lands on prompts whose answers are long, where a skip saves decode work,
-    and hardly on one-token answers (docs/experiments/, "token-weighted routers").
+    ``token_weighted`` (off; ``train --saving-target``): in target mode, ``skip_target`` is a
+    token-weighted decode saving: each row's keep-probabilities weigh its response tokens in R and in
+    the batch's hard threshold, so the pull towards skipping lands on prompts whose answers are long,
+    where a skip saves decode work, and hardly on one-token answers (docs/results.md, "Routers
+    trained at a decode saving").
     ``secant`` (default 4): in the hard stage, the number of gates per row that run at a uniform random
     value in (0, 1) and alone carry the fit's gradient to p, scaled by S / secant (S skippable layers).
     The slope at a uniform point averages to L(keep) - L(skip), the cost of the decision itself. The
@@ -185,7 +186,8 @@ class RouterObjective(nn.Module):
         self._tau = None
         if self.target is not None:
             weights = info.gather(tokens).tolist() if self.settings.token_weighted else None
-            self._tau = threshold_for_ratio(info.gather(probs.detach()), self.config, self.settings.skip_target, weights)
+            self._tau = threshold_for_ratio(info.gather(probs.detach()), self.config, self.settings.skip_target,
+                                            weights)
         if not self.hard(info):
             return lambda layer, p: p
         tau = self.settings.hard_threshold or (self.config.threshold if self._tau is None else self._tau)

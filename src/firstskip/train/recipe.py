@@ -40,8 +40,8 @@ def train(model: str, data: Sequence[str], out: str | os.PathLike, *, skip_targe
           epochs: float | None = None, lr: float | None = None, batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0,
           limit: int | None = None, max_length: int = DEFAULT_MAX_LENGTH, holdout: int = DEFAULT_HOLDOUT,
           lora_steps: int | None = None, lora_lr: float | None = None, lora_rank: int | None = None,
-          static: str | None = None, token_weighted: bool = False, resume: bool = False, overwrite: bool = False, dtype: str = "float32",
-          device: str | None = None, progress: bool = True) -> FirstSkipModel:
+          static: str | None = None, token_weighted: bool = False, resume: bool = False, overwrite: bool = False,
+          dtype: str = "float32", device: str | None = None, progress: bool = True) -> FirstSkipModel:
     """Train routers (and LoRA) on one or more datasets into the run folder ``out``.
 
     Args:
