@@ -21,8 +21,8 @@
 # the same rivals: runs/sec4twsK, runs/sec4twsK-wNN, out/eval/fair-tw-sK-wNN, tables *_tw*.
 #
 # Usage: [VARIANT=tw] [SEEDS="0 1 2"] bash benchmarks/fair_rival.sh [verdict|extras|tables] ...   (default: all three, in order)
-# Results: docs/results.md, docs/experiments/2026-12-06-fair-rival-seeds.md (SEEDS=0 ran; tables write
-# benchmarks/results/fair_rival_smollm2.json and fair_rival_pareto_sK.json).
+# Results: docs/results.md, docs/experiments/2026-12-06-fair-rival-seeds.md (seeds 0-2 ran, both variants; tables
+# write benchmarks/results/fair_rival_smollm2[_tw].json and fair_rival_pareto[_tw]_sK.json).
 set -euo pipefail
 D=../shared/data
 DATA=(--data $D/samsum --data $D/xsum --data $D/boolq)
