@@ -234,7 +234,7 @@ def test_phase1_fit_is_the_mean_over_response_tokens():
     ce, _, kl = prompt_then_response(fsm.model, fsm.engine.controller, fsm.routers, batch,
                                      lambda probs: hard_gate(skip), distill=True)
     objective = phases.RouterObjective(fsm, RouterTraining(lam=0.0, polarize=0.0, prefixes=0.0, distill=2.0))
-    objective._gate = lambda probs, info: hard_gate(skip)
+    objective._gate = lambda probs, info, tokens: hard_gate(skip)
     assert bool((kl > 0).all())
     torch.testing.assert_close(objective(batch, info)[0].detach(), (ce + 2.0 * kl).sum() / 12)
 
