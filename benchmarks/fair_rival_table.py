@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from firstskip.artifacts import write_json
 from firstskip.data import load_examples
 from firstskip.evaluate.report import interpolate
 from firstskip.metrics import primary_metric, score_items
@@ -225,7 +226,7 @@ def main() -> None:
     if args.extras:
         found = {str(f): print_extras(f, args.data) for f in args.extras}
         if args.out:
-            args.out.write_text(json.dumps(found, indent=1, sort_keys=True) + "\n")
+            write_json(args.out, found)
         return
     result: dict = {"per_seed": {}, "summed": {}, "interpolated": {}, "extras": {}}
     loaded: dict[str, dict[str, tuple[Path, dict]]] = {}
@@ -270,8 +271,7 @@ def main() -> None:
         for c in (by.values() if "tasks" not in by else [by]):
             c.pop("_scores", None)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+        write_json(args.out, result)
         print(f"wrote {args.out}")
 
 
