@@ -384,15 +384,13 @@ def train(
     _set_threads(threads)
     if skip_target is not None and saving_target is not None:
         raise FirstSkipError("give --skip-target or --saving-target, not both")
-    if saving_target is not None:
-        skip_target, weighted = saving_target, {"token_weighted": True}
-    else:
-        weighted = {}
-    options = dict(skip_target=skip_target, lam=lam, max_steps=max_steps, epochs=epochs, lr=lr, batch_size=batch_size,
+    target = skip_target if saving_target is None else saving_target  # a decode saving when token-weighted
+    options = dict(skip_target=target, lam=lam, max_steps=max_steps, epochs=epochs, lr=lr, batch_size=batch_size,
                    seed=seed, limit=limit, max_length=max_length, holdout=holdout, lora_steps=lora_steps,
                    lora_lr=lora_lr, lora_rank=lora_rank, device=device, static=static)
     fsm = train_run(model, data, out, lora=lora, merge=merge, resume=resume, overwrite=overwrite, dtype=dtype,
-                    **weighted, **{k: v for k, v in options.items() if v is not None})
+                    token_weighted=saving_target is not None,
+                    **{k: v for k, v in options.items() if v is not None})
     typer.echo(json.dumps({"run": str(out), "threshold": fsm.config.threshold,
                            "calibration": fsm.config.training.get("calibration"), "static_skip": fsm.config.static_skip}))
 
