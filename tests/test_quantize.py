@@ -23,7 +23,8 @@ from firstskip.errors import FirstSkipError
 from firstskip.families import decoder_layers
 from firstskip.artifacts import fingerprint
 from firstskip.modeling import FirstSkipModel, peft_quietly
-from firstskip.quantize import INT4_GROUP, PACKED_ROWS, Int4Linear, Int8Linear, QuantLinear, quantize
+from firstskip import decoding
+from firstskip.quantize import INT4_GROUP, PACKED_ROWS, Int4Linear, Int8Linear, QuantLinear, quantize, stacked
 from firstskip.skipping import pruned_copy
 
 FAMILIES = ["llama", "qwen2", "gemma3_text", "phi3", "gpt2"]  # qwen2's projections have biases; gpt2 has Conv1D
@@ -159,3 +160,40 @@ def test_int4_dequantizes_from_its_packed_codes_where_the_layout_allows(outputs)
     x = torch.randn(40, 64)  # more than PACKED_ROWS: the dequantized product
     torch.testing.assert_close(quantized(x[:1]).float(), quantized(x)[:1].float(), atol=5e-2, rtol=5e-2)
     assert (quantized.dequantized().float() - layer.weight).abs().max() <= layer.weight.abs().max() / 7
+
+
+@pytest.mark.parametrize("bias, lora", [(False, False), (True, True)])
+@pytest.mark.parametrize("kind", [Int8Linear, Int4Linear])
+def test_stacked_projections_equal_their_parts_which_keep_their_weights_as_views(kind, bias, lora):
+    """q, k, v (or gate, up) as one product for a decode step: the same outputs side by side, and
+    the parts, which still serve prompts, read the stacked weights instead of copies."""
+    gen = torch.Generator().manual_seed(0)
+    parts = [kind(nn.Linear(64, out, bias=bias), (torch.randn(4, 64, generator=gen) / 8, torch.randn(out, 4, generator=gen) / 8)
+                  if lora and i != 1 else None)  # the middle part without an adapter
+             for i, out in enumerate((128, 64, 64))]
+    x = torch.randn(3, 64)
+    want = [p(x) for p in parts]
+    whole = stacked(parts)
+    got = whole(x)
+    if lora:  # the adapters' sums run over the stacked ranks
+        torch.testing.assert_close(got, torch.cat(want, -1))
+    else:
+        assert torch.equal(got, torch.cat(want, -1))
+    for p, before in zip(parts, want):
+        assert torch.equal(p(x), before)
+        assert all(getattr(p, name) is None or getattr(p, name)._base is getattr(whole, name) for name in kind.ROWS)
+    other = Int4Linear if kind is Int8Linear else Int8Linear
+    assert stacked([parts[0], other(nn.Linear(64, 64, bias=bias))]) is None  # kinds differ
+    assert stacked([Int4Linear(nn.Linear(64, 48)), Int4Linear(nn.Linear(64, 64))]) is None  # not whole int4 blocks
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_stacked_projections_decode_as_the_layers_own(family, fmt, monkeypatch):
+    jobs, skip = [prompt(9, 2), prompt(5, 3)], [[2, 3], [1]]
+    stacked_engine = engine(quantize(tiny(family), fmt))
+    stacked_layer = decoder_layers(stacked_engine.model)[0]
+    assert hasattr(stacked_layer.mlp, "gate_up_proj") and (fmt == "int4" or hasattr(stacked_layer.self_attn, "qkv_proj"))
+    want = [g.token_ids for g in stacked_engine.generate(jobs, Sampling(max_new_tokens=6), skip)]
+    monkeypatch.setattr(decoding, "_stack_projections", lambda layer: None)
+    assert [g.token_ids for g in engine(quantize(tiny(family), fmt)).generate(jobs, Sampling(max_new_tokens=6), skip)] == want

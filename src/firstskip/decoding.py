@@ -24,6 +24,7 @@ from transformers.cache_utils import get_layer_types_and_kwargs
 
 from firstskip.families import cache_keyword, decoder_layers, family_of
 from firstskip.kvpool import KVPool, LayerSlots
+from firstskip.quantize import stacked
 
 StopFn = Callable[[list[int]], bool]  # generated ids of one row -> stop now?
 
@@ -71,18 +72,39 @@ def llama_layer(layer: nn.Module, hidden: torch.Tensor, attention_mask: torch.Te
     """
     attn, n = layer.self_attn, hidden.shape[0]
     x = _rms_norm(layer.input_layernorm, hidden)
-    q = attn.q_proj(x).view(n, -1, attn.head_dim)
-    k = attn.k_proj(x).view(n, -1, attn.head_dim)
-    v = attn.v_proj(x).view(n, -1, attn.head_dim)
+    if hasattr(attn, "qkv_proj"):  # stacked by `_stack_projections`
+        q, k, v = attn.qkv_proj(x).split([attn.q_proj.out_features, attn.k_proj.out_features,
+                                          attn.v_proj.out_features], -1)
+    else:
+        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    q, k, v = (t.view(n, -1, attn.head_dim) for t in (q, k, v))
     if hasattr(attn, "q_norm"):  # Qwen3 normalises each head's query and key
         q, k = attn.q_norm(q), attn.k_norm(k)
     cos, sin = position_embeddings  # [n, 1, head_dim]: broadcast over heads
     q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
     keys, values = cache.update(k[:, :, None], v[:, :, None])
-    out = F.scaled_dot_product_attention(q.view(n, k.shape[1], -1, attn.head_dim), keys, values,
-                                         attn_mask=attention_mask, scale=attn.scaling)
+    out = _attend(q.view(n, k.shape[1], -1, attn.head_dim), keys, values, attention_mask, attn.scaling)
     hidden = hidden + attn.o_proj(out.reshape(n, 1, -1))
-    return hidden + layer.mlp(_rms_norm(layer.post_attention_layernorm, hidden))
+    x, mlp = _rms_norm(layer.post_attention_layernorm, hidden), layer.mlp
+    if not hasattr(mlp, "gate_up_proj"):
+        return hidden + mlp(x)
+    gate, up = mlp.gate_up_proj(x).chunk(2, -1)
+    return hidden + mlp.down_proj(mlp.act_fn(gate) * up)
+
+
+STACKED = (("self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")), ("mlp", "gate_up_proj", ("gate_proj", "up_proj")))
+
+
+def _stack_projections(layer: nn.Module) -> None:
+    """Give a Llama-layout layer's attention and MLP one product for the projections that read the
+    same input (`quantize.stacked`), where they are quantized alike; the layer's forward (prompts)
+    still calls the parts."""
+    for owner_name, name, part_names in STACKED:
+        owner = layer.get_submodule(owner_name)
+        if not hasattr(owner, name):
+            whole = stacked([getattr(owner, part) for part in part_names])
+            if whole is not None:
+                owner.add_module(name, whole)
 
 
 def _uniform(layers: Sequence[nn.Module]) -> bool:
@@ -116,6 +138,18 @@ def _skip_layer_guards(entries: Sequence[Any]) -> list[bool]:
     return [not (e.name == "layer" or e.name.startswith(("layer.", "layer["))) for e in entries]
 
 
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query per row against its history: ``[n, kv, group, d]`` and ``[n, kv, T, d]``. Compiled,
+    as products written out as sums, which the step fuses into its own loops: a call of torch's CPU
+    flash attention costs more than the arithmetic of one query."""
+    if not torch.compiler.is_compiling():
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale)
+    scores = (q[:, :, :, None].float() * keys[:, :, None].float()).sum(-1) * scale  # [n, kv, group, T]
+    scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    probs = scores.softmax(-1)
+    return (probs[..., None] * values[:, :, None].float()).sum(-2).to(q.dtype)
+
+
 def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
 
@@ -133,6 +167,8 @@ class LayerStack:
         family, config = family_of(base), base.config
         self.modules = decoder_layers(base) if family.layer_step == "llama" else None
         if self.modules is not None:
+            for layer in self.modules:
+                _stack_projections(layer)
             self.layers = [functools.partial(llama_layer, layer) for layer in self.modules]
         else:  # each layer's own forward, past any skipping wrapper
             self.layers = list(inner)

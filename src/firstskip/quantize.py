@@ -27,6 +27,8 @@ recipe's run, every greedy output changed and SAMSum lost half its ROUGE-L).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,6 +44,8 @@ INT4_GROUP = 32
 
 class QuantLinear(nn.Module):
     """``y = x W^T + b`` with ``W`` quantized and ``x`` bfloat16; subclasses hold the weights."""
+
+    ROWS: tuple[str, ...] = ()  # the buffers that hold one output's weights per row, in output order
 
     def __init__(self, linear: nn.Linear, lora: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         super().__init__()
@@ -87,6 +91,8 @@ class QuantLinear(nn.Module):
 class Int8Linear(QuantLinear):
     """Symmetric int8 per output channel."""
 
+    ROWS = ("weight_int8", "scales")
+
     def __init__(self, linear: nn.Linear, lora: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         super().__init__(linear, lora)
         weight = linear.weight.detach().float()
@@ -105,6 +111,8 @@ class Int8Linear(QuantLinear):
 class Int4Linear(QuantLinear):
     """Asymmetric 4-bit per group of `INT4_GROUP` inputs: ``w = (code - 8) * scale + zero``, the
     layout of torch's CPU int4 kernel."""
+
+    ROWS = ("packed", "codes")  # packed in blocks of 64 outputs; ``scales_zeros`` is [groups, out, 2]
 
     def __init__(self, linear: nn.Linear, lora: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         super().__init__(linear, lora)
@@ -129,6 +137,55 @@ class Int4Linear(QuantLinear):
         codes = self.codes if self.codes is not None else _unpack_int4(self.packed, self.out_features, self.in_features)
         codes = codes.to(torch.bfloat16).reshape(self.out_features, -1, INT4_GROUP) - 8
         return (codes * scale.t()[..., None] + zero.t()[..., None]).reshape(self.out_features, self.in_features)
+
+
+def stacked(parts: Sequence[nn.Module]) -> QuantLinear | None:
+    """One module whose output is the parts' outputs side by side (``[q | k | v]``), for a decode
+    step, where a product's fixed cost is a large share of a small matrix's. The parts' weights become views
+    of the stacked ones, so nothing is stored twice and the parts still serve prompts. None where
+    the parts do not stack: not all of one quantized kind with the same inputs, or int4 outputs
+    not in whole blocks of 64 (the packed layout)."""
+    kind, first = type(parts[0]), parts[0]
+    if (not issubclass(kind, QuantLinear) or any(type(p) is not kind or p.in_features != first.in_features
+                                                  or (p.bias is None) != (first.bias is None) for p in parts)
+            or (kind is Int4Linear and any(p.out_features % 64 for p in parts))):
+        return None
+    whole = kind.__new__(kind)
+    out = sum(p.out_features for p in parts)
+    QuantLinear.__init__(whole, nn.Linear(first.in_features, out, bias=first.bias is not None, device="meta"),
+                         _stacked_lora(parts))
+    if first.bias is not None:
+        whole.bias = nn.Parameter(torch.cat([p.bias for p in parts]), requires_grad=False)
+    for name in kind.ROWS:
+        if getattr(first, name) is not None:
+            whole.register_buffer(name, torch.cat([getattr(p, name) for p in parts]))
+    if kind is Int4Linear:
+        whole.register_buffer("scales_zeros", torch.cat([p.scales_zeros for p in parts], 1))
+    start = 0
+    for p in parts:  # each part's rows, read from the stacked tensors
+        rows = slice(start, start + p.out_features)
+        for name in (*kind.ROWS, "bias"):
+            if getattr(p, name) is not None:
+                tensor = getattr(whole, name)[rows]
+                setattr(p, name, nn.Parameter(tensor, requires_grad=False) if name == "bias" else tensor)
+        start = rows.stop
+    return whole
+
+
+def _stacked_lora(parts: Sequence[QuantLinear]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The parts' adapters as one: their A stacked, their B block-diagonal (a part without one adds
+    nothing), as ``(A, B)``."""
+    if all(p.lora_a is None for p in parts):
+        return None
+    ranks = [0 if p.lora_a is None else p.lora_a.shape[0] for p in parts]
+    a = torch.cat([p.lora_a for p in parts if p.lora_a is not None])
+    b = torch.zeros(sum(p.out_features for p in parts), sum(ranks), dtype=a.dtype)
+    row = col = 0
+    for p, rank in zip(parts, ranks):
+        if rank:
+            b[row:row + p.out_features, col:col + rank] = p.lora_bt.T
+        row, col = row + p.out_features, col + rank
+    return a, b
 
 
 def _unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor | None:
