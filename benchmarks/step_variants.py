@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
-import json
 import statistics
 import sys
 import time
@@ -24,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from firstskip import decoding
-from firstskip.artifacts import write_json
 from firstskip.engine import Engine, Sampling
 from firstskip.modeling import FirstSkipModel
+from format_speed import report, timed  # a script beside this one
 
 
 def load(reference: str, dtype: str) -> Engine:
@@ -62,13 +61,6 @@ def flash_attention(reference: str, dtype: str) -> Engine:
     return engine
 
 
-def rate(engine: Engine, prompt: list[int], skip: list[int]) -> float:
-    pre = engine.prefill([prompt], [skip], routers=False)
-    start = time.perf_counter()
-    engine.decode(pre, Sampling(max_new_tokens=65))
-    return 64 / (time.perf_counter() - start)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="int8")
@@ -83,8 +75,8 @@ def main() -> None:
     prompt = torch.randint(0, 49152, (256,), generator=torch.Generator().manual_seed(0)).tolist()
     sets = {"skip10-17": list(range(10, 18)), "full": []}
     for engine in engines.values():
-        rate(engine, prompt, sets["full"])
-    rounds = [{f"{name}_{label}": rate(engine, prompt, skip) for label, skip in sets.items()
+        timed(engine, prompt, sets["full"])
+    rounds = [{f"{name}_{label}": timed(engine, prompt, skip)[0] for label, skip in sets.items()
                for name, engine in engines.items()} for _ in range(args.rounds)]
     result = {"dtype": args.dtype, "run": args.run, "threads": torch.get_num_threads(),
               "tok_s": {key: round(statistics.median(r[key] for r in rounds), 1) for key in rounds[0]},
@@ -92,9 +84,7 @@ def main() -> None:
                                                                       for r in rounds), 3)
                            for label in sets for name in engines if name != "now"},
               "rounds": rounds}
-    print(json.dumps({k: v for k, v in result.items() if k != "rounds"}))
-    if args.out:
-        write_json(args.out, result)
+    report(result, args.out)
 
 
 if __name__ == "__main__":

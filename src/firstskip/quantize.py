@@ -19,6 +19,9 @@ products with dynamically quantized activations (``quantized::linear_dynamic``) 
 SAMSum's ROUGE-L on a trained run, since the inputs of ``down_proj`` carry outliers a single 8-bit
 range cannot hold. The routers stay float32.
 
+For a decode step, the projections of a layer that read the same input (q, k, v; gate, up) can be
+one product (`stacked`), a product's fixed cost being a large share of a small matrix's.
+
 A run's LoRA adapter is merged before int8. Int4 keeps it beside the 4-bit weights instead, in
 bfloat16 (``x A^T B^T`` added to each product): a LoRA moves a weight by far less than half a 4-bit
 step, so rounding merged weights to 4 bits rounds most of the adapter's change away (on the default
@@ -203,7 +206,7 @@ def _unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor | None:
 def default_format(device: str | torch.device = "cpu") -> str:
     """The CLI's weight format when none is given: the fastest that passed the quality check
     (benchmarks/README.md, "int8 weights" and "int4 weights"). On a CPU that is int8: a trained run
-    decodes faster in int8 with its LoRA merged than in int4 with the LoRA beside, and starts sooner.
+    decodes as fast in int8 with its LoRA merged as in int4 with the LoRA beside, and starts sooner.
     The packed kernels are CPU ones, so a GPU gets bfloat16."""
     return "int8" if torch.device(device).type == "cpu" else "bfloat16"
 
