@@ -63,11 +63,8 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        if rows.shape[0] <= PACKED_ROWS:
-            out = self.packed_product(rows.contiguous())
-            out = out if self.bias is None else out + self.bias
-        else:
-            out = F.linear(rows, self.dequantized(), self.bias)
+        out = self.packed_product(rows.contiguous()) if rows.shape[0] <= PACKED_ROWS else self.dense_product(rows)
+        out = out if self.bias is None else out + self.bias
         if self.lora_a is not None:
             out = out + self._lora(rows)
         return out.reshape(*x.shape[:-1], self.out_features)
@@ -82,6 +79,10 @@ class QuantLinear(nn.Module):
 
     def packed_product(self, rows: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def dense_product(self, rows: torch.Tensor) -> torch.Tensor:
+        """Many rows (a prompt): a bfloat16 product with the dequantized weights."""
+        return F.linear(rows, self.dequantized())
 
     def dequantized(self) -> torch.Tensor:
         raise NotImplementedError
@@ -106,6 +107,11 @@ class Int8Linear(QuantLinear):
 
     def packed_product(self, rows: torch.Tensor) -> torch.Tensor:
         return torch._weight_int8pack_mm(rows, self.weight_int8, self.scales)
+
+    def dense_product(self, rows: torch.Tensor) -> torch.Tensor:
+        """The int8 weights as bfloat16 (exact: integers up to 127), the scales applied to the
+        product's outputs instead of to every weight: a pass over the weights less per prompt."""
+        return F.linear(rows, self.weight_int8.to(torch.bfloat16)) * self.scales
 
     def dequantized(self) -> torch.Tensor:
         return self.weight_int8.to(torch.bfloat16) * self.scales[:, None]
