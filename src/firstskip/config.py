@@ -39,8 +39,7 @@ class FirstSkipConfig:
     decision: Literal["threshold", "budget", "snapped"] = "threshold"
     threshold: float = 0.5  # keep layer l iff p_l >= threshold
     skip_ratio: float | None = None  # budget mode: skip round(ratio * num_layers) layers
-    prefill: Literal["full", "routed", "early"] = "full"
-    early_share: float = 0.25  # prefill 'early': the share of the prompt the routers read before deciding
+    prefill: Literal["full", "routed"] = "full"
     snap_sets: list[list[int]] | None = None  # decision 'snapped': a threshold set snaps to the nearest of these
     static_skip: list[int] | None = None  # a static-set run: every prompt skips these, no router decides
     base_model: str | None = None  # how to reload the base (hub id, folder or packaged name)
@@ -60,15 +59,13 @@ class FirstSkipConfig:
         _check(self.decision in DECISIONS,
                f"decision must be one of {', '.join(DECISIONS)}, got {self.decision!r}")
         _check(0.0 <= self.threshold <= 1.0, f"threshold must lie in [0, 1], got {self.threshold}")
-        _check(self.prefill in ("full", "routed", "early"),
-               f"prefill must be 'full', 'routed' or 'early', got {self.prefill!r}")
-        _check(0.0 < self.early_share <= 1.0, f"early_share must lie in (0, 1], got {self.early_share}")
+        _check(self.prefill in ("full", "routed"), f"prefill must be 'full' or 'routed', got {self.prefill!r}")
         if self.skip_ratio is not None:
             _check(0.0 <= self.skip_ratio <= 1.0, f"skip ratio must lie in [0, 1], got {self.skip_ratio}")
         _check(self.decision != "budget" or self.skip_ratio is not None,
                "decision 'budget' needs a skip ratio (e.g. --budget 0.25)")
-        _check(self.decision == "threshold" or self.prefill != "routed",
-               f"a {self.decision} decision looks at all layers at once, so it needs prefill 'full' or 'early'")
+        _check(self.decision == "threshold" or self.prefill == "full",
+               f"a {self.decision} decision looks at all layers at once, so it needs prefill 'full'")
         _check(self.decision != "snapped" or bool(self.snap_sets),
                "decision 'snapped' needs the run's skip sets (learn them with firstskip calibrate --snap K)")
         skippable = set(self.skippable)

@@ -12,7 +12,6 @@ it produces alone.
 from __future__ import annotations
 
 import functools
-import math
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -26,8 +25,6 @@ from firstskip.errors import FirstSkipError
 from firstskip.families import cache_kwargs, family_of
 from firstskip.routers import RouterBank, decide
 from firstskip.skipping import SkipCache, SkipController
-
-EARLY_TOKENS = 16  # `early` prefill reads at least this many tokens of a prompt before deciding
 
 
 @dataclass
@@ -133,31 +130,17 @@ class Engine:
         ids, mask = self._left_pad(prompts)
         positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
         forced = self.forced_skip(skip, len(prompts))
-        split = _decision_width(config, [len(p) for p in prompts])
-        cache = DynamicCache() if self.stack is not None and split is None else SkipCache(self.model.config)
+        cache = DynamicCache() if self.stack is not None else SkipCache(self.model.config)
         use_routers = routers and self.routers is not None
-        head = slice(None, split)  # the columns read before deciding: all but in `early` prefill
-        with self.controller.mode_ctx("prefill", prompt_mask=mask[:, head], skip=forced, routers=use_routers,
-                                      config=config if split is None else config.replace(prefill="full")) as state:
-            logits = self.model(input_ids=ids[:, head], attention_mask=None if mask.all() else mask[:, head],
-                                position_ids=positions[:, head], **cache_kwargs(self.model, cache),
+        with self.controller.mode_ctx("prefill", prompt_mask=mask, skip=forced, config=config,
+                                      routers=use_routers) as state:
+            logits = self.model(input_ids=ids, attention_mask=None if mask.all() else mask,
+                                position_ids=positions, **cache_kwargs(self.model, cache),
                                 logits_to_keep=1).logits[:, -1]
         probs = state.stacked_probs()
         skip_mask = _final_skip(config, forced, state.skip, probs, len(prompts), self.device)
-        if split is not None:
-            logits = self._rest_of_prompt(ids, mask, positions, split, skip_mask, cache)
         return Prefilled(logits, cache, None if mask.all() else mask, positions[:, -1], skip_mask, probs,
                          [len(p) for p in prompts])
-
-    def _rest_of_prompt(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, split: int,
-                        skip: torch.Tensor, cache: SkipCache) -> torch.Tensor:
-        """`early` prefill: the prompt's columns after ``split`` run only the layers each row keeps,
-        as its generated tokens will; returns the last position's logits."""
-        cache.freeze({i for i in range(skip.shape[1]) if bool(skip[:, i].all())})
-        with self.controller.decode_ctx(skip):
-            return self.model(input_ids=ids[:, split:], attention_mask=None if mask.all() else mask,
-                              position_ids=positions[:, split:], **cache_kwargs(self.model, cache),
-                              logits_to_keep=1).logits[:, -1]
 
     def forced_skip(self, skip: Sequence[Sequence[int]] | None, batch: int) -> torch.Tensor | None:
         if skip is None:
@@ -278,17 +261,6 @@ class Stream:
             if request.done:
                 return
             batch.step()
-
-
-def _decision_width(config: FirstSkipConfig, lengths: list[int]) -> int | None:
-    """`early` prefill: the left-padded columns the routers read before deciding, enough for every
-    row to have read ``early_share`` of its own prompt (at least `EARLY_TOKENS` tokens); None where
-    the whole prompt is read (other modes, or prompts too short to split)."""
-    if config.prefill != "early":
-        return None
-    width = max(lengths)
-    split = max(width - n + max(EARLY_TOKENS, math.ceil(config.early_share * n)) for n in lengths)
-    return split if split < width else None
 
 
 def _final_skip(config: FirstSkipConfig, forced: torch.Tensor | None, routed: torch.Tensor | None,
