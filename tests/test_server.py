@@ -22,6 +22,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from firstskip.engine import Sampling
+from firstskip.errors import FirstSkipError
 from firstskip.modeling import FirstSkipModel
 from firstskip.server import Job, build, server
 
@@ -305,6 +306,26 @@ def test_a_model_without_tokenizer_takes_token_ids():
         assert out["firstskip"]["token_ids"] == expected and out["usage"]["completion_tokens"] == len(expected)
         text = client.post("/v1/completions", json={"prompt": "hi"})
         assert text.status_code == 400 and "token ids" in text.json()["error"]["message"]
+
+
+def test_max_model_len_refuses_longer_requests_and_sizes_the_cache_once():
+    tiny = FirstSkipModel.from_base("random:tiny-llama")
+    app, service = build(tiny, "tiny", max_model_len=40)
+    pool = service.worker.batch.pool
+    sizes = []
+    with TestClient(app) as client:
+        for n in (5, 30):  # the second request is longer than the first: the cache does not grow for it
+            body = {"prompt": list(range(3, 3 + n)), "max_tokens": 8, "temperature": 0}
+            assert client.post("/v1/completions", json=body).status_code == 200
+            sizes.append(pool.nbytes())
+        too_long = client.post("/v1/completions", json={"prompt": list(range(3, 44)), "max_tokens": 1})
+        no_room = client.post("/v1/completions", json={"prompt": list(range(3, 38)), "max_tokens": 8})
+        assert client.get("/v1/models").json()["data"][0]["max_model_len"] == 40
+    assert sizes[0] > 0 and sizes[1] == sizes[0]
+    assert too_long.status_code == 400 and too_long.json()["error"]["code"] == "context_length_exceeded"
+    assert no_room.status_code == 400 and no_room.json()["error"]["param"] == "max_tokens"
+    with pytest.raises(FirstSkipError, match="max-model-len"):
+        build(tiny, "tiny", max_model_len=10**9)
 
 
 def test_shutdown_ends_running_streams_cleanly(fsm):

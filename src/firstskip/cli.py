@@ -471,6 +471,9 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     max_batch_size: Annotated[int, typer.Option(help="Requests decoded together at most.")] = 8,
     max_queue: Annotated[int, typer.Option(help="Requests waiting for a batch slot at most; more get 429.")] = 64,
+    max_model_len: Annotated[Optional[int], typer.Option(
+        help="Prompt + answer tokens a request may take (default: the model's context); the KV "
+             "cache is sized for it once instead of growing with the longest request.")] = None,
     api_key: Annotated[Optional[str], typer.Option(
         envvar="FIRSTSKIP_API_KEY", help="Refuse /v1 requests without 'Authorization: Bearer KEY' (401).")] = None,
     served_model_name: Annotated[Optional[str], typer.Option(
@@ -494,7 +497,8 @@ def serve(
     fsm.set_decision(threshold=threshold, budget=budget)
     compiled = compile_ and fsm.engine.compile()
     name = served_model_name or (run.name if run is not None else model)
-    srv = server(fsm, name, host, port, grace, max_batch_size=max_batch_size, max_queue=max_queue, api_key=api_key)
+    srv = server(fsm, name, host, port, grace, max_batch_size=max_batch_size, max_queue=max_queue, api_key=api_key,
+                 max_model_len=max_model_len)
     cfg = fsm.config
     decision = f"budget {cfg.skip_ratio}" if cfg.decision == "budget" else f"threshold {cfg.threshold}"
     typer.echo(f"firstskip serve: {name} ({cfg.num_layers} layers, {decision}, {cfg.prefill} prefill, {dtype}{', compiled' if compiled else ''}) "

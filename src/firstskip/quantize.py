@@ -150,10 +150,10 @@ class Int4Linear(QuantLinear):
 
 def stacked(parts: Sequence[nn.Module]) -> QuantLinear | None:
     """One module whose output is the parts' outputs side by side (``[q | k | v]``), for a decode
-    step, where a product's fixed cost is a large share of a small matrix's. The parts' weights become views
-    of the stacked ones, so nothing is stored twice and the parts still serve prompts. None where
-    the parts do not stack: not all of one quantized kind with the same inputs, or int4 outputs
-    not in whole blocks of 64 (the packed layout)."""
+    step, where a product's fixed cost is a large share of a small matrix's. The parts' weights
+    become views of the stacked ones, so nothing is stored twice and the parts still serve prompts.
+    None where the parts do not stack: not all of one quantized kind with the same inputs, or int4
+    outputs not in whole blocks of 64 (the packed layout)."""
     kind, first = type(parts[0]), parts[0]
     if (not issubclass(kind, QuantLinear) or any(type(p) is not kind or p.in_features != first.in_features
                                                   or (p.bias is None) != (first.bias is None) for p in parts)

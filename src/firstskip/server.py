@@ -367,10 +367,16 @@ class Service:
     """What the endpoints share: the model, its name, the worker and the limits."""
 
     def __init__(self, fsm: Any, name: str, max_batch_size: int = 8, max_queue: int = 64,
-                 api_key: str | None = None) -> None:
+                 api_key: str | None = None, max_model_len: int | None = None) -> None:
         self.fsm, self.name, self.api_key = fsm, name, api_key
-        self.worker = EngineWorker(fsm, max_batch_size, max_queue)
         self.context = getattr(fsm.model.config, "max_position_embeddings", None) or 1 << 30
+        if max_model_len is not None:
+            if not 2 <= max_model_len <= self.context:
+                raise FirstSkipError(f"--max-model-len must lie in 2..{self.context} (the model's context), "
+                                     f"got {max_model_len}")
+            self.context = max_model_len
+        # with a limit, every layer's KV slots are made that long at once and never grow after
+        self.worker = EngineWorker(fsm, max_batch_size, max_queue, max_model_len or 256)
         self.created = int(time.time())
 
     # parsing a body into a job
@@ -384,7 +390,7 @@ class Service:
             raise APIError(400, "the prompt is empty", "prompt", "empty_prompt")
         room = self.context - len(ids)
         if room < 1:
-            raise APIError(400, f"the prompt has {len(ids)} tokens; this model's context is {self.context}",
+            raise APIError(400, f"the prompt has {len(ids)} tokens; this server's context is {self.context}",
                            "prompt", "context_length_exceeded")
         asked = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
         max_tokens = min(default_tokens, room) if asked is None else asked
@@ -717,10 +723,10 @@ class FirstSkipServer(uvicorn.Server):
 
 
 def build(fsm: Any, name: str, max_batch_size: int = 8, max_queue: int = 64, api_key: str | None = None,
-          grace: float = 30.0) -> tuple[FastAPI, Service]:
+          grace: float = 30.0, max_model_len: int | None = None) -> tuple[FastAPI, Service]:
     if max_batch_size < 1 or max_queue < 1:
         raise FirstSkipError(f"--max-batch-size and --max-queue must be at least 1, got {max_batch_size} and {max_queue}")
-    service = Service(fsm, name, max_batch_size, max_queue, api_key)
+    service = Service(fsm, name, max_batch_size, max_queue, api_key, max_model_len)
     return create_app(service, grace), service
 
 
