@@ -34,6 +34,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--out")
     args = parser.parse_args()
+    if args.requests < 50:
+        parser.error(f"--requests must be at least 50 (the growth is read after the first 25), got {args.requests}")
     fsm = FirstSkipModel.from_pretrained(args.run, dtype=args.dtype)
     engine = fsm.engine
     engine.compile()

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from firstskip import decoding
-from firstskip.engine import Engine, Sampling
+from firstskip.engine import Engine
 from firstskip.modeling import FirstSkipModel
 from format_speed import report, timed  # a script beside this one
 
@@ -55,9 +55,13 @@ def flash_attention(reference: str, dtype: str) -> Engine:
         q, keys, values, attn_mask=mask, scale=scale)
     engine = load(reference, dtype)
     stack = engine.stack
-    step = torch.compile(module.llama_layer, dynamic=True, options={"guard_filter_fn": decoding._skip_layer_guards})
-    stack.layers = [functools.partial(step, layer) for layer in stack.modules]
-    engine.generate([[engine.pad_token_id] * 4] * 2, Sampling(max_new_tokens=3), skip=[[], []])
+
+    def compile_flash() -> None:  # in place of `LayerStack.compile`; `Engine.compile` warms it up as usual
+        step = torch.compile(module.llama_layer, dynamic=True, options={"guard_filter_fn": decoding._skip_layer_guards})
+        stack.layers = [functools.partial(step, layer) for layer in stack.modules]
+
+    stack.compile = compile_flash
+    engine.compile()
     return engine
 
 
