@@ -2,11 +2,12 @@
 (serve_load.py's prompts, chat template) replayed through one running batch without HTTP, each
 prompt prefilled, joined and decoded while at most 4 others run, with the KV pool sized for the
 longest request from the start (as `serve --max-model-len` does). Resident size after every 25
-requests.
+requests, with the native caches bounded as `firstskip serve` bounds them
+(`server.bound_native_caches`) or at torch's defaults.
 
 Reproduce (nothing else running):
     python benchmarks/engine_memory.py --out benchmarks/results/engine_memory_int8.json
-    ONEDNN_PRIMITIVE_CACHE_CAPACITY=0 python benchmarks/engine_memory.py --out benchmarks/results/engine_memory_int8_no_onednn_cache.json
+    python benchmarks/engine_memory.py --caches default --out benchmarks/results/engine_memory_int8_default_caches.json
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 
 from firstskip.engine import Sampling
 from firstskip.modeling import FirstSkipModel
+from firstskip.server import NATIVE_CACHES, bound_native_caches
 from format_speed import report  # scripts beside this one
 from serve_load import parse, prompts
 
@@ -32,10 +34,14 @@ def main() -> None:
     parser.add_argument("--run", default="runs/sec4s0")
     parser.add_argument("--dtype", default="int8")
     parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--caches", choices=["bounded", "default"], default="bounded",
+                        help="oneDNN's and ideep's caches as `firstskip serve` sets them, or torch's defaults")
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.requests < 50:
         parser.error(f"--requests must be at least 50 (the growth is read after the first 25), got {args.requests}")
+    if args.caches == "bounded":
+        bound_native_caches()
     fsm = FirstSkipModel.from_pretrained(args.run, dtype=args.dtype)
     engine = fsm.engine
     engine.compile()
@@ -52,10 +58,11 @@ def main() -> None:
         if i % 25 == 0 or i == len(ids) - 1:
             gc.collect()
             samples.append((i + 1, rss_mib(), round(time.perf_counter() - start, 1)))
-    first, last = samples[1], samples[-1]
+    first, middle, last = samples[1], samples[len(samples) // 2], samples[-1]
     report({"run": args.run, "dtype": args.dtype,
-            "onednn_primitive_cache_capacity": os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"),
+            "caches": {name: os.environ.get(name) for name in NATIVE_CACHES},
             "mib_per_request_after_25": round((last[1] - first[1]) / (last[0] - first[0]), 2),
+            "mib_per_request_second_half": round((last[1] - middle[1]) / (last[0] - middle[0]), 2),
             "seconds": last[2], "rounds": samples}, args.out)
 
 

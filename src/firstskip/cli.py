@@ -488,8 +488,9 @@ def serve(
     compile_: CompileOpt = False,
 ) -> None:
     """Serve the model over HTTP with OpenAI's API (completions, chat, streaming), skipping per request."""
-    from firstskip.server import server
+    from firstskip.server import bound_native_caches, server
 
+    bound_native_caches()
     _set_threads(threads)
     typer.echo(f"loading {run or model} ...", err=True)
     dtype = weights(dtype, device)

@@ -19,6 +19,7 @@ import asyncio
 import collections
 import contextlib
 import json
+import os
 import re
 import threading
 import time
@@ -42,6 +43,22 @@ DEFAULT_CHAT_TOKENS = 256  # capped by what the context leaves
 PREFILLS_PER_STEP = 2  # newcomers prefilled between two decode steps while others are running
 ABORT = "abort"
 _UNION_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\])$")  # finish_reason of a request ended by shutdown
+# oneDNN's primitive cache and PyTorch's ideep cache: 1024 entries each unless set
+NATIVE_CACHES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+NATIVE_CACHE_ENTRIES = 64
+
+
+def bound_native_caches(entries: int = NATIVE_CACHE_ENTRIES) -> None:
+    """Cap the two native caches that keep a CPU product's primitive per input shape.
+
+    Every prompt length a server has not seen adds a few primitives (one per product shape) to
+    each; at their default 1024 entries that is about 2 MiB a new length, hundreds of MiB before
+    they evict anything, which looks like a leak. A prefill reuses its few shapes across layers,
+    so 64 entries cost no speed. Both are read once, at the process's first oneDNN product: call
+    this before loading or warming up a model. A variable already set is kept.
+    """
+    for name in NATIVE_CACHES:
+        os.environ.setdefault(name, str(entries))
 
 
 # -- request bodies --------------------------------------------------------------------------
