@@ -10,6 +10,7 @@ the batch at once; shutdown ends running streams with a finish reason and ``[DON
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import threading
@@ -24,7 +25,7 @@ from fastapi.testclient import TestClient
 from firstskip.engine import Sampling
 from firstskip.errors import FirstSkipError
 from firstskip.modeling import FirstSkipModel
-from firstskip.server import Job, build, server
+from firstskip.server import NATIVE_CACHES, Job, bound_native_caches, build, server
 
 NAME = "smollm2-test"
 TOKENS = 8
@@ -306,6 +307,14 @@ def test_a_model_without_tokenizer_takes_token_ids():
         assert out["firstskip"]["token_ids"] == expected and out["usage"]["completion_tokens"] == len(expected)
         text = client.post("/v1/completions", json={"prompt": "hi"})
         assert text.status_code == 400 and "token ids" in text.json()["error"]["message"]
+
+
+def test_bound_native_caches_caps_what_the_user_left_unset(monkeypatch):
+    first, second = NATIVE_CACHES
+    monkeypatch.delenv(first, raising=False)
+    monkeypatch.setenv(second, "512")
+    bound_native_caches(64)
+    assert os.environ[first] == "64" and os.environ[second] == "512"
 
 
 def test_max_model_len_refuses_longer_requests_and_sizes_the_cache_once():
