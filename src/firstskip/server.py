@@ -41,8 +41,8 @@ from firstskip.errors import FirstSkipError
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_CHAT_TOKENS = 256  # capped by what the context leaves
 PREFILLS_PER_STEP = 2  # newcomers prefilled between two decode steps while others are running
-ABORT = "abort"
-_UNION_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\])$")  # finish_reason of a request ended by shutdown
+ABORT = "abort"  # finish_reason of a request ended by shutdown
+_UNION_TAG = re.compile(r"^(str|int|float|bool|list\[.*\]|dict\[.*\])$")
 # oneDNN's primitive cache and PyTorch's ideep cache: 1024 entries each unless set
 NATIVE_CACHES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
 NATIVE_CACHE_ENTRIES = 64
