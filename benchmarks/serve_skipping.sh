@@ -28,5 +28,7 @@ s = first["decode_saving"]
 gain = first["tokens_per_s"] / off["tokens_per_s"]
 print(json.dumps({"decode_saving": s, "bound": round(1 / (1 - s), 4), "throughput_ratio": round(gain, 4),
                   "share_of_bound": round(gain / (1 / (1 - s)), 4),
+                  "requests_ratio": round(first["requests"] / off["requests"], 4),  # the same prompts, in order
+                  "tokens_per_request": [round(r["completion_tokens"] / max(1, r["requests"]), 1) for r in (first, off)],
                   "ttft_p99_s": [first["ttft_p99_s"], off["ttft_p99_s"]], "errors": [first["errors"], off["errors"]]}))
 PY
