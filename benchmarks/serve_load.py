@@ -12,7 +12,8 @@ memory is sampled every second from /proc/PID/status.
 
 Prints one JSON object (also written to --out): errors by kind, p50/p99 time to first token,
 completion tokens per second over the run, requests, RSS at start, after warm-up and at the end, and
-(from firstskip's /metrics) the decode saving: the share of decode layer runs its skipping saved.
+(from firstskip's /metrics) the decode saving, the share of decode layer runs its skipping saved, and
+the engine thread's time in prefill passes and in decode steps.
 """
 
 from __future__ import annotations
@@ -136,24 +137,40 @@ def percentile(values: list[float], q: float) -> float | None:
     return round(values[min(len(values) - 1, int(q * len(values)))], 3)
 
 
-async def decode_work(url: str, api_key: str | None) -> tuple[float, float] | None:
-    """firstskip's decode layer runs and what running every layer would have cost, from /metrics
-    (None from a server without them, such as vLLM's)."""
+async def counters(url: str, api_key: str | None) -> dict[str, float]:
+    """firstskip's unlabelled counters from /metrics (empty from a server without them, such as vLLM's)."""
     async with httpx.AsyncClient(timeout=10) as client:
         response = await client.get(url + "/metrics", headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
     values = {}
     for line in response.text.splitlines():
         name, _, value = line.partition(" ")
-        if name in ("firstskip_decode_layer_runs_total", "firstskip_decode_layer_runs_full_total"):
-            values[name] = float(value)
-    return (values["firstskip_decode_layer_runs_total"], values["firstskip_decode_layer_runs_full_total"]) \
-        if len(values) == 2 else None
+        if name.startswith("firstskip_") and name.endswith("_total"):
+            values[name[len("firstskip_"):-len("_total")]] = float(value)
+    return values
+
+
+def engine_work(before: dict[str, float], after: dict[str, float], elapsed: float) -> dict | None:
+    """What firstskip's engine did during the run: the share of decoder-layer executions its skipping
+    saved over the generated tokens (decode), over the prompts and over both, and where its thread's
+    time went (prefill passes, decode steps; the rest is waiting or Python)."""
+    delta = {k: after[k] - before.get(k, 0.0) for k in after}
+    if not delta.get("decode_layer_runs_full"):
+        return None
+    busy = {k: round(delta[f"{k}_seconds"], 1) for k in ("prefill", "decode") if f"{k}_seconds" in delta}
+    runs = {k: (delta.get(f"{k}_layer_runs", 0.0), delta.get(f"{k}_layer_runs_full", 0.0)) for k in ("decode", "prefill")}
+    done, full = (sum(pair) for pair in zip(*runs.values()))
+    return {"decode_saving": round(1 - runs["decode"][0] / runs["decode"][1], 4),
+            "prompt_saving": round(1 - runs["prefill"][0] / runs["prefill"][1], 4) if runs["prefill"][1] else None,
+            "saving": round(1 - done / full, 4),
+            "seconds": busy, "share_of_run": {k: round(v / elapsed, 3) for k, v in busy.items()},
+            "prompt_tokens": int(delta["prompt_tokens"]), "decode_steps": int(delta["decode_steps"]),
+            "mean_rows_per_step": round(delta["decode_step_rows"] / max(1.0, delta["decode_steps"]), 2)}
 
 
 async def main(args: argparse.Namespace) -> dict:
     items = prompts(args.data, args.per_task, args.seed)
     stats, samples, stop = Stats(), [], asyncio.Event()
-    work_before = await decode_work(args.url, args.api_key)
+    work_before = await counters(args.url, args.api_key)
     start = time.perf_counter()
     end = start + args.seconds
     memory = asyncio.create_task(memory_loop(args.pid, samples, start, stop)) if args.pid else None
@@ -164,10 +181,7 @@ async def main(args: argparse.Namespace) -> dict:
     if memory is not None:
         await memory
     warm = [kib for t, kib in samples if t >= args.warmup]
-    work_after = await decode_work(args.url, args.api_key)
-    saving = None  # the token-weighted decode saving the server achieved on this run's requests
-    if work_before and work_after and work_after[1] > work_before[1]:
-        saving = round(1 - (work_after[0] - work_before[0]) / (work_after[1] - work_before[1]), 4)
+    work = engine_work(work_before, await counters(args.url, args.api_key), elapsed)
     return {
         "url": args.url, "clients": args.clients, "seconds": round(elapsed, 1), "max_tokens": args.max_tokens,
         "requests": stats.requests, "requests_by_task": stats.by_task,
@@ -175,7 +189,7 @@ async def main(args: argparse.Namespace) -> dict:
         "ttft_p50_s": percentile(stats.ttft, 0.5), "ttft_p99_s": percentile(stats.ttft, 0.99),
         "ttft_mean_s": round(statistics.fmean(stats.ttft), 3) if stats.ttft else None,
         "completion_tokens": stats.tokens, "tokens_per_s": round(stats.tokens / elapsed, 2),
-        "decode_saving": saving,
+        "decode_saving": work and work.pop("decode_saving"), "engine": work,
         "rss_mib": None if not samples else {
             "start": round(samples[0][1] / 1024, 1), "after_warmup": round(warm[0] / 1024, 1) if warm else None,
             "end": round(samples[-1][1] / 1024, 1), "max": round(max(k for _, k in samples) / 1024, 1),

@@ -22,10 +22,23 @@ def test_defaults_protect_first_and_last_layer():
     (dict(skip_ratio=-0.1), "skip ratio"),
     (dict(router_pooling="max"), "pooling"),
     (dict(template_tokens=[3]), "template_tokens"),
+    (dict(prefill="early", early_share=0.0), "early_share"),
 ])
 def test_bad_values_name_the_field(changes, message):
     with pytest.raises(FirstSkipError, match=message):
         FirstSkipConfig(num_layers=30, hidden_size=576, **changes)
+
+
+def test_early_prefill_reads_the_template_head_then_a_share_of_the_pooled_tokens():
+    cfg = FirstSkipConfig(num_layers=30, hidden_size=8, prefill="early", template_tokens=[20, 5])
+    assert cfg.decision_tokens(425) == 20 + 100  # a quarter of the 400 tokens the routers pool
+    assert cfg.decision_tokens(60) == 20 + 16  # at least 16 of them
+    assert cfg.decision_tokens(30) == 30  # too short to split: read whole
+    assert cfg.replace(prefill="full").decision_tokens(425) == 425
+    # prefill's layer executions: the decision tokens through all 30 layers, the rest through 30 - 6
+    assert cfg.prompt_layer_runs(425, 6) == 120 * 30 + 305 * 24
+    assert cfg.replace(prefill="full").prompt_layer_runs(425, 6) == 425 * 30
+    assert cfg.replace(prefill="routed").prompt_layer_runs(425, 6) == 425 * 24
 
 
 def test_budget_k_rounds_half_up_and_caps():

@@ -149,6 +149,63 @@ def test_batch_rows_equal_single_runs(tiny_model, prefill):
         torch.testing.assert_close(batch_logits[row], eng.prefill([ids], [skip]).logits[0], **TOLERANCE[torch.float32])
 
 
+# -- `early` prefill: the routers read the prompt's start, the rest of it runs the kept layers --
+@torch.no_grad()
+def reference_early(model, ids: list[int], head: int, skip: list[int]) -> list[int]:
+    """The first ``head`` prompt tokens through every layer, then the rest of the prompt and every
+    generated token through the kept layers only."""
+    cache = DynamicCache(config=model.config)
+    model(torch.tensor([ids[:head]]), **cache_kwargs(model, cache))
+    layers = decoder_layers(model)
+    saved = list(layers)
+    for i in skip:
+        layers[i] = Identity()
+    tokens = []
+    try:
+        logits = model(torch.tensor([ids[head:]]), position_ids=torch.arange(head, len(ids))[None],
+                       **cache_kwargs(model, cache)).logits[:, -1]
+        for _ in range(N_NEW):
+            token = logits.argmax(-1)
+            tokens.append(token.item())
+            logits = model(token[:, None], **cache_kwargs(model, cache)).logits[:, -1]
+    finally:
+        for i, layer in enumerate(saved):
+            layers[i] = layer
+    return tokens
+
+
+def test_early_prefill_equals_its_reference_and_decides_on_the_prompts_start(tiny_model):
+    ids = prompt(40, 20)
+    eng = engine(tiny_model, RouterBank(config_for(tiny_model)), prefill="early")
+    head = eng.config.decision_tokens(len(ids))
+    assert head == 16  # at least EARLY_TOKENS: a quarter of 40 is fewer
+    assert greedy(eng, [ids], skip=[SKIP]) == [reference_early(tiny_model, ids, head, SKIP)]
+    torch.nn.init.normal_(eng.routers.routers[2].down.weight, std=1.0)  # input-dependent scores
+    start = eng.prefill([ids[:head]], config=eng.config.replace(prefill="full")).probs
+    torch.testing.assert_close(eng.prefill([ids]).probs, start, **TOLERANCE[torch.float32])
+
+
+def test_early_batch_rows_equal_single_runs(tiny_model):
+    """Rows split at their own decision tokens (invariant 4); a prompt too short to split runs whole."""
+    prompts, skips = [prompt(40, 21), prompt(18, 22), prompt(5, 23), prompt(33, 24)], [SKIP, [1, 4], SKIP, []]
+    eng = engine(tiny_model, prefill="early")
+    batch = greedy(eng, prompts, skip=skips)
+    batch_logits = eng.prefill(prompts, skips).logits
+    for row, (ids, skip) in enumerate(zip(prompts, skips)):
+        assert batch[row] == greedy(eng, [ids], skip=[skip])[0]
+        torch.testing.assert_close(batch_logits[row], eng.prefill([ids], [skip]).logits[0], **TOLERANCE[torch.float32])
+
+
+def test_early_prefill_runs_a_skipped_layer_for_the_decision_tokens_only():
+    model = tiny("llama")
+    tokens = [0] * len(decoder_layers(model))
+    for i, layer in enumerate(decoder_layers(model)):
+        layer.mlp.register_forward_hook(lambda _m, args, _o, i=i: tokens.__setitem__(i, tokens[i] + args[0].shape[1]))
+    engine(model, prefill="early").generate([prompt(40, 25)], Sampling(max_new_tokens=5), skip=[SKIP])
+    assert [tokens[i] for i in SKIP] == [16] * len(SKIP)
+    assert all(tokens[i] == 40 + 4 for i in range(len(tokens)) if i not in SKIP)
+
+
 # -- skipped layers really do not run ---------------------------------------------------------
 @pytest.mark.parametrize("prefill", ["full", "routed"])
 def test_skipped_layers_do_not_execute(prefill):

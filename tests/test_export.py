@@ -243,10 +243,12 @@ def test_vllm_export_of_a_budget_run_resolves_k_and_a_static_run_keeps_its_set(t
     ("skip", "keeps every layer"),
     ("no routers", "holds no trained routers"),
     ("family", "the vLLM plugin supports llama, mistral, qwen2, qwen3, not 'gemma2'"),
+    ("early", "trained for 'early' prefill"),
 ])
 def test_vllm_export_refuses_bad_input_in_one_line(case, message, tmp_path):
     run = tmp_path / "run"
-    FirstSkipModel.from_base("random:tiny-gemma2" if case == "family" else "random:tiny-llama").save_pretrained(run)
+    base = "random:tiny-gemma2" if case == "family" else "random:tiny-llama"
+    FirstSkipModel.from_base(base, prefill="early" if case == "early" else "full").save_pretrained(run)
     if case == "no routers":
         (run / "routers.safetensors").unlink()
     source = {"model": "random:tiny-llama"} if case == "model" else {"run": run}

@@ -265,19 +265,25 @@ def test_health_models_and_metrics(srv):
         assert f"firstskip_{name}" in text
 
 
-def test_metrics_count_decode_work_in_layer_runs(srv):
-    """The decode saving a workload achieved (1 - runs / full) reads straight off /metrics."""
-    def counts() -> tuple[float, float]:
-        text = httpx.get(srv.url + "/metrics").text
-        return (float(_metric(text, "firstskip_decode_layer_runs_total")),
-                float(_metric(text, "firstskip_decode_layer_runs_full_total")))
+def test_metrics_count_prefill_and_decode_work_in_layer_runs_and_seconds(srv):
+    """The saving a workload achieved (1 - runs / full) and where the engine's time went read straight
+    off /metrics."""
+    names = ("decode_layer_runs", "decode_layer_runs_full", "prefill_layer_runs", "prefill_layer_runs_full",
+             "prefill_seconds", "decode_seconds")
 
-    runs, full = counts()
-    srv.client.completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=6, temperature=0,
-                                  extra_body={"firstskip": {"skip": [10, 11, 12]}})
-    runs_after, full_after = counts()
-    assert full_after - full == 5 * 30  # the first token comes from prefill
-    assert runs_after - runs == 5 * 27
+    def counts() -> dict[str, float]:
+        text = httpx.get(srv.url + "/metrics").text
+        return {name: float(_metric(text, f"firstskip_{name}_total")) for name in names}
+
+    before = counts()
+    done = srv.client.completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=6, temperature=0,
+                                         extra_body={"firstskip": {"skip": [10, 11, 12]}})
+    delta = {k: v - before[k] for k, v in counts().items()}
+    assert delta["decode_layer_runs_full"] == 5 * 30  # the first token comes from prefill
+    assert delta["decode_layer_runs"] == 5 * 27
+    # `full` prefill: the prompt ran every layer, whatever the set
+    assert delta["prefill_layer_runs"] == delta["prefill_layer_runs_full"] == done.usage.prompt_tokens * 30
+    assert delta["prefill_seconds"] > 0 and delta["decode_seconds"] > 0
 
 
 def test_api_key_and_a_full_queue(fsm):

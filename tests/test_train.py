@@ -39,8 +39,8 @@ from firstskip.skipping import pruned_copy
 from firstskip.train import LoraTraining, RouterTraining, calibrate, train, train_lora, train_routers
 from firstskip.train import loop, phases, recipe
 from firstskip.train.calibrate import keep_probs, response_loss, skip_ratio, threshold_for_ratio
-from firstskip.train.passes import (gated_forward, hard_gate, prompt_keep_probs, prompt_then_response, response_ce,
-                                   response_kl)
+from firstskip.train.passes import (decision_prompt, gated_forward, hard_gate, prompt_keep_probs,
+                                   prompt_then_response, response_ce, response_kl)
 
 TINY = "random:tiny-llama"
 REWARDED = [2, 3]  # the layers the data rewards skipping
@@ -439,15 +439,25 @@ def test_two_processes_agree_with_one(text_tiny, tmp_path):
 LORA = LoraTraining(steps=10, batch_size=8, lr=1e-2, rank=4, checkpoint_every=0)
 
 
-def test_phase2_leaves_routers_untouched_and_decides_like_inference(phase1_run, data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("prefill", ["full", "early"])
+def test_phase2_leaves_routers_untouched_and_decides_like_inference(phase1_run, data, tmp_path, monkeypatch, prefill):
+    """In `early` prefill (here after 2 tokens: the prompts are short) the routers read the start of
+    each prompt and the rest of it passes the gates with the response."""
+    monkeypatch.setattr("firstskip.config.EARLY_TOKENS", 2)
     run = copy_run(phase1_run, tmp_path)
     fsm = FirstSkipModel.from_pretrained(run)
+    fsm.update_config(prefill=prefill)
     before = {k: v.clone() for k, v in fsm.routers.state_dict().items()}
     steps: list[tuple[torch.Tensor, torch.Tensor]] = []
+    split: list[bool] = []  # a batch whose prompts the routers read only in part
     real = phases.prompt_then_response
 
     def spy(model, controller, routers, batch, make_gate, **kwargs):  # the skips applied, and inference's
-        prompts = [row[:n].tolist() for row, n in zip(batch.input_ids, batch.prompt_mask.sum(-1).tolist())]
+        lengths = ((batch.labels != -100).long().argmax(-1) + 1).tolist()  # a prompt ends where labels start
+        heads = batch.prompt_mask.sum(-1).tolist()
+        assert heads == [fsm.config.decision_tokens(n) for n in lengths]
+        split.append(heads != lengths)
+        prompts = [row[:n].tolist() for row, n in zip(batch.input_ids, lengths)]
         inference = fsm.engine.prefill(prompts).skip
 
         def recording(probs):
@@ -464,7 +474,8 @@ def test_phase2_leaves_routers_untouched_and_decides_like_inference(phase1_run, 
     untrained = loss()
     monkeypatch.setattr(phases, "prompt_then_response", spy)
     train_lora(fsm, data["pattern"], run, LORA, progress=False)
-    monkeypatch.undo()
+    monkeypatch.setattr(phases, "prompt_then_response", real)
+    assert all(split) == (prefill == "early") and split
     assert all(torch.equal(before[k], v) for k, v in fsm.routers.state_dict().items())
     assert all(torch.equal(before[k], v) for k, v in load_file(run / artifacts.ROUTERS_NAME).items())
     assert loss() < untrained - 0.5
@@ -473,7 +484,8 @@ def test_phase2_leaves_routers_untouched_and_decides_like_inference(phase1_run, 
     # ... and the training pass decides as the engine's prefill does (same model, same prompts).
     batch = collate(data["test"][:8], pad_id=0)
     prompts = [ids[:n] for ids, n in data["test"][:8]]
-    _, _, probs = gated_forward(fsm.model, fsm.engine.controller, batch, lambda layer, p: p)
+    _, _, probs = gated_forward(fsm.model, fsm.engine.controller, decision_prompt(batch, fsm.config),
+                                lambda layer, p: p)
     assert torch.equal(fsm.engine.prefill(prompts).skip, decide(probs, fsm.config))
 
 

@@ -77,7 +77,8 @@ def generate(
     skip: SkipOpt = None,
     threshold: Annotated[Optional[float], typer.Option(help="Keep layer l iff its keep-probability >= this.")] = None,
     budget: Annotated[Optional[float], typer.Option(help="Skip this fraction of layers (lowest keep-probability).")] = None,
-    prefill: Annotated[Optional[str], typer.Option(help="full (prompt runs every layer) or routed.")] = None,
+    prefill: Annotated[Optional[str], typer.Option(
+        help="full (prompt runs every layer), routed, or early (decide on its start, the rest skips too).")] = None,
     snapped: Annotated[bool, typer.Option(help="Snap the threshold's skip set to the nearest of the run's "
                                           "sets (learned by calibrate --snap K).")] = False,
     temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
@@ -367,6 +368,8 @@ def train(
     lora_steps: Annotated[Optional[int], typer.Option(help="LoRA steps (default --max-steps or 30).")] = None,
     lora_lr: Annotated[Optional[float], typer.Option(help="LoRA learning rate (default 1e-3).")] = None,
     lora_rank: Annotated[Optional[int], typer.Option(help="LoRA rank (default 8).")] = None,
+    prefill: Annotated[Optional[str], typer.Option(
+        help="full (default) or early: decide on the prompt's first quarter, the rest skips too.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Rows per step, all processes (default 8).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Data order, holdout, init (default 0).")] = None,
     limit: Annotated[Optional[int], typer.Option(help="At most this many examples per dataset.")] = None,
@@ -387,7 +390,7 @@ def train(
     target = skip_target if saving_target is None else saving_target  # a decode saving when token-weighted
     options = dict(skip_target=target, lam=lam, max_steps=max_steps, epochs=epochs, lr=lr, batch_size=batch_size,
                    seed=seed, limit=limit, max_length=max_length, holdout=holdout, lora_steps=lora_steps,
-                   lora_lr=lora_lr, lora_rank=lora_rank, device=device, static=static)
+                   lora_lr=lora_lr, lora_rank=lora_rank, device=device, static=static, prefill=prefill)
     fsm = train_run(model, data, out, lora=lora, merge=merge, resume=resume, overwrite=overwrite, dtype=dtype,
                     token_weighted=saving_target is not None,
                     **{k: v for k, v in options.items() if v is not None})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -13,6 +14,8 @@ from firstskip.errors import FirstSkipError
 SCHEMA_VERSION = 1
 POOLINGS = ("mean", "mean-all", "last")
 DECISIONS = ("threshold", "budget", "snapped")
+PREFILLS = ("full", "routed", "early")
+EARLY_TOKENS = 16  # `early` prefill reads at least this many of a prompt's own tokens before deciding
 
 
 def _check(ok: bool, message: str) -> None:
@@ -39,7 +42,8 @@ class FirstSkipConfig:
     decision: Literal["threshold", "budget", "snapped"] = "threshold"
     threshold: float = 0.5  # keep layer l iff p_l >= threshold
     skip_ratio: float | None = None  # budget mode: skip round(ratio * num_layers) layers
-    prefill: Literal["full", "routed"] = "full"
+    prefill: Literal["full", "routed", "early"] = "full"
+    early_share: float = 0.25  # prefill 'early': the share of the prompt the routers read before deciding
     snap_sets: list[list[int]] | None = None  # decision 'snapped': a threshold set snaps to the nearest of these
     static_skip: list[int] | None = None  # a static-set run: every prompt skips these, no router decides
     base_model: str | None = None  # how to reload the base (hub id, folder or packaged name)
@@ -59,13 +63,14 @@ class FirstSkipConfig:
         _check(self.decision in DECISIONS,
                f"decision must be one of {', '.join(DECISIONS)}, got {self.decision!r}")
         _check(0.0 <= self.threshold <= 1.0, f"threshold must lie in [0, 1], got {self.threshold}")
-        _check(self.prefill in ("full", "routed"), f"prefill must be 'full' or 'routed', got {self.prefill!r}")
+        _check(self.prefill in PREFILLS, f"prefill must be one of {', '.join(PREFILLS)}, got {self.prefill!r}")
+        _check(0.0 < self.early_share <= 1.0, f"early_share must lie in (0, 1], got {self.early_share}")
         if self.skip_ratio is not None:
             _check(0.0 <= self.skip_ratio <= 1.0, f"skip ratio must lie in [0, 1], got {self.skip_ratio}")
         _check(self.decision != "budget" or self.skip_ratio is not None,
                "decision 'budget' needs a skip ratio (e.g. --budget 0.25)")
-        _check(self.decision == "threshold" or self.prefill == "full",
-               f"a {self.decision} decision looks at all layers at once, so it needs prefill 'full'")
+        _check(self.decision == "threshold" or self.prefill != "routed",
+               f"a {self.decision} decision looks at all layers at once, so it needs prefill 'full' or 'early'")
         _check(self.decision != "snapped" or bool(self.snap_sets),
                "decision 'snapped' needs the run's skip sets (learn them with firstskip calibrate --snap K)")
         skippable = set(self.skippable)
@@ -91,6 +96,23 @@ class FirstSkipConfig:
     def budget_k(self) -> int:
         """How many layers a budget decision skips, capped by what may be skipped."""
         return min(len(self.skippable), int(self.num_layers * (self.skip_ratio or 0.0) + 0.5))
+
+    def decision_tokens(self, n: int) -> int:
+        """How many of an n-token prompt's first tokens the routers read before its skip set is fixed.
+
+        All of them, except in ``early`` prefill: the chat template's fixed head, then ``early_share``
+        of the tokens the routers pool (at least `EARLY_TOKENS`); the rest of the prompt then runs
+        only the kept layers, as generated tokens do, and its tokens never reach the routers."""
+        if self.prefill != "early":
+            return n
+        head, tail = self.template_tokens or (0, 0)
+        pooled = max(0, n - head - tail)
+        return min(n, head + max(EARLY_TOKENS, math.ceil(self.early_share * pooled)))
+
+    def prompt_layer_runs(self, n: int, skipped: int) -> int:
+        """Decoder-layer executions the prefill of an n-token prompt costs with ``skipped`` layers skipped."""
+        every = {"full": n, "routed": 0, "early": self.decision_tokens(n)}[self.prefill]  # tokens through all layers
+        return every * self.num_layers + (n - every) * (self.num_layers - skipped)
 
     def replace(self, **changes: Any) -> FirstSkipConfig:
         """A checked copy with some fields changed (``None`` values are ignored)."""

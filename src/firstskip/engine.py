@@ -69,15 +69,18 @@ class Prefilled:
     """The state after prefill: next-token logits, the prompt's cache and each row's decisions."""
 
     logits: torch.Tensor  # [B, V]
-    cache: DynamicCache
+    cache: DynamicCache | None  # None when ``parts`` hold the rows' caches
     mask: torch.Tensor | None  # [B, P] attention mask, None when no row is padded
     positions: torch.Tensor  # [B] position id of each row's last prompt token
     skip: torch.Tensor  # [B, L] bool
     probs: torch.Tensor | None  # [B, L] keep-probabilities, None without routers
     prompt_lens: list[int] = field(default_factory=list)
+    parts: list[Prefilled] | None = None  # `early` prefill of a batch: each row's own prefill
 
     def kv(self, row: int) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
         """Row ``row``'s prompt keys and values [kv_heads, P, head_dim] per layer it keeps, else None."""
+        if self.parts is not None:
+            return self.parts[row].kv(0)
         pad = max(self.prompt_lens) - self.prompt_lens[row]  # prompts are left-padded to the longest
         return [None if self.skip[row, i] else (layer.keys[row, :, pad:], layer.values[row, :, pad:])
                 for i, layer in enumerate(self.cache.layers)]
@@ -127,10 +130,23 @@ class Engine:
         config = config or self.config
         if skip is None and config.static_skip is not None:  # a static-set run: no router decides
             skip, routers = [config.static_skip] * len(prompts), False
+        heads = [config.decision_tokens(len(p)) for p in prompts]
+        if all(h == len(p) for h, p in zip(heads, prompts)):
+            return self._prefill(prompts, skip, config, routers)
+        if len(prompts) == 1:
+            return self._prefill_early(prompts[0], heads[0], skip, config, routers)
+        # `early` prefill: where rows split at different points, each row is prefilled alone, so a
+        # row in a batch reads exactly the share of its prompt it reads alone
+        return _stack([self.prefill([p], None if skip is None else [s], config, routers)
+                       for p, s in zip(prompts, skip or [None] * len(prompts))])
+
+    def _prefill(self, prompts: Sequence[Sequence[int]], skip: Sequence[Sequence[int]] | None,
+                 config: FirstSkipConfig, routers: bool, cache: DynamicCache | None = None) -> Prefilled:
         ids, mask = self._left_pad(prompts)
         positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
         forced = self.forced_skip(skip, len(prompts))
-        cache = DynamicCache() if self.stack is not None else SkipCache(self.model.config)
+        if cache is None:
+            cache = DynamicCache() if self.stack is not None else SkipCache(self.model.config)
         use_routers = routers and self.routers is not None
         with self.controller.mode_ctx("prefill", prompt_mask=mask, skip=forced, config=config,
                                       routers=use_routers) as state:
@@ -141,6 +157,22 @@ class Engine:
         skip_mask = _final_skip(config, forced, state.skip, probs, len(prompts), self.device)
         return Prefilled(logits, cache, None if mask.all() else mask, positions[:, -1], skip_mask, probs,
                          [len(p) for p in prompts])
+
+    def _prefill_early(self, prompt: Sequence[int], head: int, skip: Sequence[Sequence[int]] | None,
+                       config: FirstSkipConfig, routers: bool) -> Prefilled:
+        """`early` prefill of one prompt: its first ``head`` tokens run every layer while the routers
+        score them and decide; the rest runs only the kept layers, as its generated tokens will."""
+        # the engine's own loop reads every prompt position of a kept layer (`kv`): plain layers, as in
+        # `_prefill`; the fallback loop goes on in this cache, with the model's sliding-window layers
+        cache = SkipCache(self.model.config if self.stack is None else None)
+        pre = self._prefill([prompt[:head]], skip, config.replace(prefill="full"), routers, cache)
+        cache.freeze(set(pre.skip[0].nonzero().squeeze(-1).tolist()))
+        ids = torch.tensor([list(prompt[head:])], dtype=torch.long, device=self.device)
+        positions = torch.arange(head, len(prompt), device=self.device)[None]
+        with self.controller.decode_ctx(pre.skip):
+            logits = self.model(input_ids=ids, position_ids=positions, **cache_kwargs(self.model, cache),
+                                logits_to_keep=1).logits[:, -1]
+        return Prefilled(logits, cache, None, positions[:, -1], pre.skip, pre.probs, [len(prompt)])
 
     def forced_skip(self, skip: Sequence[Sequence[int]] | None, batch: int) -> torch.Tensor | None:
         if skip is None:
@@ -263,6 +295,16 @@ class Stream:
             batch.step()
 
 
+def _stack(rows: list[Prefilled]) -> Prefilled:
+    """Single-row prefills as one batch for the decode loop, which reads the rows' caches through `kv`."""
+    def cat(name: str) -> torch.Tensor:
+        return torch.cat([getattr(r, name) for r in rows])
+
+    probs = None if rows[0].probs is None else cat("probs")
+    return Prefilled(cat("logits"), None, None, cat("positions"), cat("skip"), probs,
+                     [r.prompt_lens[0] for r in rows], parts=rows)
+
+
 def _final_skip(config: FirstSkipConfig, forced: torch.Tensor | None, routed: torch.Tensor | None,
                 probs: torch.Tensor | None, batch: int, device: torch.device) -> torch.Tensor:
     if forced is not None:
@@ -279,6 +321,9 @@ def _forward_decode(engine: Engine, pre: Prefilled, sampling: Sampling, eos: Seq
                     stop: StopFn | None) -> list[Generation]:
     """The fallback decode loop of a family the engine's own loop does not run: every step is one
     call of the model's forward, the layers' skipping plan held by this call's own `Pass`."""
+    if pre.cache is None:
+        raise FirstSkipError(f"{engine.model.config.model_type} decodes through the model's forward, which cannot "
+                             "decode a batch prefilled 'early'; give it one prompt at a time")
     gens = [engine._new_generation(pre, row) for row in range(pre.skip.shape[0])]
     cache, mask, positions, logits = pre.cache, pre.mask, pre.positions, pre.logits
     cache.freeze(set(pre.skip.all(dim=0).nonzero().squeeze(-1).tolist()))

@@ -213,6 +213,9 @@ def vllm_architecture(hf_config: Any) -> str:
 
 def vllm_settings(config: FirstSkipConfig) -> dict[str, Any]:
     """What the plugin needs to score and decide, resolved (no defaults left for it to know)."""
+    if config.prefill == "early":  # vLLM's chunked prefill gives no place to decide on a prompt's start
+        raise FirstSkipError("the vLLM plugin prefills 'full' or 'routed', and this run is trained for 'early' "
+                             "prefill; serve it with firstskip serve")
     return {"version": VLLM_SETTINGS_VERSION, "num_layers": config.num_layers, "hidden_size": config.hidden_size,
             "router_dim": config.router_dim, "router_activation": "gelu", "router_norm_eps": 1e-5,
             "pooling": config.router_pooling,

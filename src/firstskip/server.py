@@ -161,6 +161,8 @@ class Metrics:
         self.finished: collections.Counter[str] = collections.Counter()
         self.prompt_tokens = self.generation_tokens = self.steps = self.step_rows = 0
         self.layer_runs = self.layer_runs_full = 0  # decode work done, and what every layer would have cost
+        self.prefill_layer_runs = self.prefill_layer_runs_full = 0  # the same for the prompts
+        self.prefill_seconds = self.decode_seconds = 0.0  # the engine thread's busy time, by kind of pass
         self.ttft = [0] * (len(self.TTFT_BUCKETS) + 1)
         self.ttft_sum = 0.0
         self.skip = [0] * (len(self.RATIO_BUCKETS) + 1)
@@ -170,8 +172,12 @@ class Metrics:
         with self.lock:
             self.requests[endpoint, status] += 1
 
-    def observe_start(self, ttft: float, prompt_tokens: int, new_tokens: int, skip_ratio: float) -> None:
+    def observe_start(self, ttft: float, prompt_tokens: int, new_tokens: int, skip_ratio: float,
+                      layer_runs: int, layers: int, seconds: float) -> None:
         with self.lock:
+            self.prefill_seconds += seconds
+            self.prefill_layer_runs += layer_runs
+            self.prefill_layer_runs_full += prompt_tokens * layers
             self.prompt_tokens += prompt_tokens
             self.generation_tokens += new_tokens
             self.ttft[_bucket(self.TTFT_BUCKETS, ttft)] += 1
@@ -179,8 +185,9 @@ class Metrics:
             self.skip[_bucket(self.RATIO_BUCKETS, skip_ratio)] += 1
             self.skip_sum += skip_ratio
 
-    def observe_step(self, rows: int, new_tokens: int, layer_runs: int, layers: int) -> None:
+    def observe_step(self, rows: int, new_tokens: int, layer_runs: int, layers: int, seconds: float) -> None:
         with self.lock:
+            self.decode_seconds += seconds
             self.steps += 1
             self.step_rows += rows
             self.generation_tokens += new_tokens
@@ -201,6 +208,11 @@ class Metrics:
                       f"# TYPE {p}decode_layer_runs_total counter", f"{p}decode_layer_runs_total {self.layer_runs}",
                       f"# TYPE {p}decode_layer_runs_full_total counter",
                       f"{p}decode_layer_runs_full_total {self.layer_runs_full}",
+                      f"# TYPE {p}prefill_layer_runs_total counter", f"{p}prefill_layer_runs_total {self.prefill_layer_runs}",
+                      f"# TYPE {p}prefill_layer_runs_full_total counter",
+                      f"{p}prefill_layer_runs_full_total {self.prefill_layer_runs_full}",
+                      f"# TYPE {p}prefill_seconds_total counter", f"{p}prefill_seconds_total {self.prefill_seconds:.6f}",
+                      f"# TYPE {p}decode_seconds_total counter", f"{p}decode_seconds_total {self.decode_seconds:.6f}",
                       f"# TYPE {p}queue_length gauge", f"{p}queue_length {queued}",
                       f"# TYPE {p}running_requests gauge", f"{p}running_requests {running}",
                       f"# TYPE {p}max_batch_size gauge", f"{p}max_batch_size {capacity}"]
@@ -304,6 +316,7 @@ class EngineWorker:
         return taken
 
     def _admit(self, job: Job) -> None:
+        began = time.perf_counter()
         try:
             pre = self.engine.prefill([job.ids], None if job.skip is None else [job.skip], config=job.config)
             (request,) = self.engine.join(self.batch, pre, job.sampling, self.fsm.eos_token_ids,
@@ -316,8 +329,9 @@ class EngineWorker:
             return
         job.request = request
         gen = request.generation
-        self.metrics.observe_start(time.perf_counter() - job.arrived, len(job.ids), len(gen.token_ids),
-                                   len(gen.skipped_layers) / max(1, self.fsm.config.num_layers))
+        now, config, skipped = time.perf_counter(), job.config or self.fsm.config, len(gen.skipped_layers)
+        self.metrics.observe_start(now - job.arrived, len(job.ids), len(gen.token_ids), skipped / config.num_layers,
+                                   config.prompt_layer_runs(len(job.ids), skipped), config.num_layers, now - began)
         job.post("start", gen)
         if request.done:
             self._finish(job)
@@ -336,9 +350,11 @@ class EngineWorker:
         rows = len(self.batch.requests)
         layer_runs = sum(len(owners) for _, _, owners in self.batch.plan())  # a row per layer that runs for it
         before = sum(len(j.request.generation.token_ids) for j in self.running.values())
+        began = time.perf_counter()
         ended = self.batch.step()
+        seconds = time.perf_counter() - began
         after = sum(len(j.request.generation.token_ids) for j in self.running.values())
-        self.metrics.observe_step(rows, after - before, layer_runs, self.fsm.config.num_layers)
+        self.metrics.observe_step(rows, after - before, layer_runs, self.fsm.config.num_layers, seconds)
         for job in self.running.values():
             self._send(job)
         for request in ended:
@@ -441,7 +457,8 @@ class Service:
             if options.threshold is not None:
                 return None, self.fsm.config.replace(decision="threshold", threshold=options.threshold)
             if options.budget is not None:
-                return None, self.fsm.config.replace(decision="budget", skip_ratio=options.budget, prefill="full")
+                prefill = "full" if self.fsm.config.prefill == "routed" else None  # a budget looks at every layer
+                return None, self.fsm.config.replace(decision="budget", skip_ratio=options.budget, prefill=prefill)
         except FirstSkipError as err:
             raise APIError(400, str(err), "firstskip") from None
         return None, None

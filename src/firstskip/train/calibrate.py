@@ -28,7 +28,7 @@ from firstskip.errors import FirstSkipError
 from firstskip.modeling import FirstSkipModel
 from firstskip.routers import decide, nearest_set, set_mask
 from firstskip.train.loop import Encoded, on_main
-from firstskip.train.passes import gated_forward, hard_gate, prompt_keep_probs, response_ce
+from firstskip.train.passes import decision_prompt, gated_forward, hard_gate, prompt_keep_probs, response_ce
 
 DEFAULT_MAX_LENGTH = 2048  # text examples: whole prompts as inference sees them, within reason
 
@@ -130,6 +130,7 @@ def keep_probs(fsm: FirstSkipModel, data: Encoded, batch_size: int = 8) -> torch
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
         batch = collate([(data[i][0][:data[i][1]], data[i][1]) for i in rows], pad_id=0).to(device)
+        batch = decision_prompt(batch, fsm.config)
         out[rows] = prompt_keep_probs(fsm.model, fsm.engine.controller, batch).float().cpu()
     return out
 
@@ -237,7 +238,7 @@ def response_loss(fsm: FirstSkipModel, data: Encoded, skip: torch.Tensor, batch_
     total, tokens = 0.0, 0
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        batch = collate([data[i] for i in rows], pad_id=0).to(device)
+        batch = decision_prompt(collate([data[i] for i in rows], pad_id=0).to(device), fsm.config)
         logits, labels, _ = gated_forward(fsm.model, fsm.engine.controller, batch, hard_gate(skip[rows].to(device)))
         total += float(response_ce(logits, labels))
         tokens += int((labels != -100).sum())

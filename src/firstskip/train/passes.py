@@ -8,6 +8,7 @@ as at inference. The two-piece pass of phase 1 left-pads the prompts, as the eng
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache
 
+from firstskip.config import FirstSkipConfig
 from firstskip.data import Batch
 from firstskip.families import cache_kwargs
 from firstskip.routers import RouterBank
@@ -84,6 +86,18 @@ def prompt_then_response(model: nn.Module, controller: SkipController, routers: 
     return ce, probs, kl
 
 
+def decision_prompt(batch: Batch, config: FirstSkipConfig) -> Batch:
+    """``batch`` whose ``prompt_mask`` holds only the tokens the routers read before deciding
+    (`FirstSkipConfig.decision_tokens`). In `early` prefill the rest of each prompt then passes the
+    gates with the response, as it runs only the kept layers at inference."""
+    if config.prefill != "early":
+        return batch
+    heads = [config.decision_tokens(n) for n in batch.prompt_mask.sum(-1).tolist()]
+    columns = torch.arange(batch.prompt_mask.shape[1], device=batch.prompt_mask.device)
+    head = torch.tensor(heads, device=columns.device)[:, None]
+    return dataclasses.replace(batch, prompt_mask=batch.prompt_mask & (columns < head))
+
+
 def _fork(cache: DynamicCache) -> DynamicCache:
     """A copy of ``cache`` that a pass can extend while ``cache`` keeps the prompt alone. A cache
     layer's update rebinds its tensors (torch.cat) instead of writing into them, so copying the layer
@@ -138,7 +152,8 @@ def hard_gate(skip: torch.Tensor) -> GateFn:
 
 @torch.no_grad()
 def prompt_keep_probs(model: nn.Module, controller: SkipController, batch: Batch) -> torch.Tensor:
-    """Keep-probabilities [B, L] from the prompts alone, as a full prefill computes them.
+    """Keep-probabilities [B, L] from the prompts alone, as a full prefill computes them (pass
+    `decision_prompt`'s batch for what `early` prefill reads).
 
     The model is put in eval mode for the pass (no LoRA dropout), as it is at inference.
     """

@@ -28,7 +28,7 @@ from firstskip.routers import decide
 from firstskip.skipping import GateFn
 from firstskip.train.calibrate import threshold_for_ratio
 from firstskip.train.loop import Encoded, LoopSettings, StepInfo, clear_checkpoint, on_main, run_loop
-from firstskip.train.passes import hard_gate, prompt_keep_probs, prompt_then_response
+from firstskip.train.passes import decision_prompt, hard_gate, prompt_keep_probs, prompt_then_response
 
 
 # -- phase 1: routers ----------------------------------------------------------------------------
@@ -311,6 +311,7 @@ class LoraObjective(nn.Module):
         self.score_first = settings.dropout > 0
 
     def forward(self, batch: Batch, info: StepInfo) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        batch = decision_prompt(batch, self.config)  # in `early` prefill most of the prompt skips too
         scored = prompt_keep_probs(self.model, self.controller, batch) if self.score_first else None
         used: list[torch.Tensor] = []  # the skip mask applied, for the log
 

@@ -40,7 +40,8 @@ def train(model: str, data: Sequence[str], out: str | os.PathLike, *, skip_targe
           epochs: float | None = None, lr: float | None = None, batch_size: int = DEFAULT_BATCH_SIZE, seed: int = 0,
           limit: int | None = None, max_length: int = DEFAULT_MAX_LENGTH, holdout: int = DEFAULT_HOLDOUT,
           lora_steps: int | None = None, lora_lr: float | None = None, lora_rank: int | None = None,
-          static: str | None = None, token_weighted: bool = False, resume: bool = False, overwrite: bool = False,
+          static: str | None = None, prefill: str | None = None, token_weighted: bool = False,
+          resume: bool = False, overwrite: bool = False,
           dtype: str = "float32", device: str | None = None, progress: bool = True) -> FirstSkipModel:
     """Train routers (and LoRA) on one or more datasets into the run folder ``out``.
 
@@ -68,6 +69,10 @@ def train(model: str, data: Sequence[str], out: str | os.PathLike, *, skip_targe
             settings) trained under one skip set that every prompt uses. ``shortgpt``, ``uls``,
             ``last`` or ``random`` with k = round(skip_target x layers); ``layers:3,4,5``; ``none`` for a
             plain LoRA that skips nothing. Needs ``lora``.
+        prefill: ``early`` trains for `early` prefill: calibration reads the prompts' decision tokens
+            (`FirstSkipConfig.decision_tokens`) and the LoRA learns with the rest of each prompt
+            skipping; the routers (trained on prompt prefixes) are the same. Default: ``full``, or
+            the run's own when resuming.
         resume: go on from the run's last checkpoint and skip finished phases.
         overwrite: replace an existing run in ``out``.
         dtype: base model dtype; device: where it runs (default: accelerate's choice for this process).
@@ -76,6 +81,8 @@ def train(model: str, data: Sequence[str], out: str | os.PathLike, *, skip_targe
     _check_args(data, skip_target, lam, merge, lora, resume, overwrite)
     if static is not None and not lora:
         raise FirstSkipError("--static trains a LoRA under a fixed skip set; add --lora")
+    if prefill not in (None, "full", "early"):
+        raise FirstSkipError(f"training models prefill 'full' or 'early', got {prefill!r}")
     out = Path(out)
     if max_steps is not None and epochs is not None:
         raise FirstSkipError("give --max-steps or --epochs, not both")
@@ -90,6 +97,8 @@ def train(model: str, data: Sequence[str], out: str | os.PathLike, *, skip_targe
     routed = static is None
     held_out, examples = split_examples(data, seed, holdout if skip_target is not None and routed else 0, limit)
     fsm = _load(model, out, resume, seed, dtype, device)
+    if prefill is not None and routed:
+        fsm.update_config(prefill=prefill)
     if fsm.tokenizer is None:
         raise FirstSkipError(f"{model} has no tokenizer, so text data cannot be encoded; train on token ids with "
                              "firstskip.train.train_routers instead")
