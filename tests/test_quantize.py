@@ -152,7 +152,7 @@ def test_int4_keeps_a_runs_lora_beside_the_4_bit_base_weights(tmp_path, merged):
         FirstSkipModel.from_pretrained(tmp_path / "run", dtype="int4")
 
 
-@pytest.mark.parametrize("outputs", [48, 128])  # 128: whole blocks of 64, read back from the packed codes
+@pytest.mark.parametrize("outputs", [48, 128])  # 128: whole blocks (64 or 32, by CPU), read back from the codes
 def test_int4_dequantizes_from_its_packed_codes_where_the_layout_allows(outputs):
     layer = nn.Linear(64, outputs, bias=False)
     quantized = Int4Linear(layer)

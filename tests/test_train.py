@@ -429,7 +429,8 @@ def test_two_processes_agree_with_one(text_tiny, tmp_path):
     for name in (artifacts.ROUTERS_NAME, "adapter/adapter_model.safetensors"):
         one, two = (load_file(tmp_path / run / name) for run in ("one", "two"))
         for key in one:
-            torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=1e-4)
+            # gloo sums the two halves of each gradient in another order than one process does
+            torch.testing.assert_close(two[key], one[key], atol=1e-4, rtol=1e-4)
     configs = [artifacts.load_config(tmp_path / run) for run in ("one", "two")]
     assert configs[0].threshold == pytest.approx(configs[1].threshold, abs=1e-5)
 

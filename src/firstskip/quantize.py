@@ -30,6 +30,7 @@ recipe's run, every greedy output changed and SAMSum lost half its ROUGE-L).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -198,15 +199,28 @@ def _stacked_lora(parts: Sequence[QuantLinear]) -> tuple[torch.Tensor, torch.Ten
 
 
 def _unpack_int4(packed: torch.Tensor, n: int, k: int) -> torch.Tensor | None:
-    """The [n, k] codes of torch's CPU int4 layout (blocks of 64 outputs; per pair of inputs, a
-    byte holds outputs j and j + 32 of the block), None where n is not whole blocks."""
-    if n % 64:
-        return None
-    block = packed.view(n // 64, k // 2, 64)
-    low, high = block & 15, block >> 4
-    even = torch.cat([low[..., :32], high[..., :32]], -1)  # input 2i, the block's 64 outputs
-    odd = torch.cat([low[..., 32:], high[..., 32:]], -1)  # input 2i + 1
-    return torch.stack([even, odd], 2).reshape(n // 64, k, 64).permute(0, 2, 1).reshape(n, k)
+    """The [n, k] codes of torch's CPU int4 layout, None where n is not whole blocks of it."""
+    block = _int4_block()
+    return None if block is None or n % block else _unpack_blocks(packed, n, k, block)
+
+
+def _unpack_blocks(packed: torch.Tensor, n: int, k: int, block: int) -> torch.Tensor:
+    """Blocks of ``block`` outputs; per pair of inputs, a byte holds outputs j and j + block / 2."""
+    half = block // 2
+    grouped = packed.view(n // block, k // 2, block)
+    low, high = grouped & 15, grouped >> 4
+    even = torch.cat([low[..., :half], high[..., :half]], -1)  # input 2i, the block's outputs
+    odd = torch.cat([low[..., half:], high[..., half:]], -1)  # input 2i + 1
+    return torch.stack([even, odd], 2).reshape(n // block, k, block).permute(0, 2, 1).reshape(n, k)
+
+
+@functools.cache
+def _int4_block() -> int | None:
+    """Outputs per block of the int4 layout on this CPU (64 with AVX-512, 32 with AVX2), read off a
+    packed probe; None where neither reads it back."""
+    probe = torch.randint(0, 16, (64, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    packed = torch._convert_weight_to_int4pack_for_cpu(probe, 1)
+    return next((b for b in (64, 32) if torch.equal(_unpack_blocks(packed, 64, 64, b).to(torch.int32), probe)), None)
 
 
 def default_format(device: str | torch.device = "cpu") -> str:
