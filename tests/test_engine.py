@@ -77,16 +77,21 @@ class Identity(nn.Module):
 
 
 @torch.no_grad()
-def reference_full_skip(model, ids: list[int], skip: list[int]) -> list[int]:
-    """All layers for the prompt, then only the kept layers for every generated token."""
+def reference_skip(model, ids: list[int], skip: list[int], every: int | None = None) -> list[int]:
+    """The first ``every`` prompt tokens (all by default: `full` prefill) through every layer, then the
+    rest of the prompt and every generated token through the kept layers only."""
+    every = len(ids) if every is None else every
     cache = DynamicCache(config=model.config)
-    logits = model(torch.tensor([ids]), **cache_kwargs(model, cache)).logits[:, -1]
+    logits = model(torch.tensor([ids[:every]]), **cache_kwargs(model, cache)).logits[:, -1]
     layers = decoder_layers(model)
     saved = list(layers)
     for i in skip:
         layers[i] = Identity()
     tokens = []
     try:
+        if every < len(ids):
+            logits = model(torch.tensor([ids[every:]]), position_ids=torch.arange(every, len(ids))[None],
+                           **cache_kwargs(model, cache)).logits[:, -1]
         for _ in range(N_NEW):
             token = logits.argmax(-1)
             tokens.append(token.item())
@@ -132,7 +137,7 @@ def test_routed_skip_equals_pruned_model(tiny_model):
 # -- invariant 3: full S is the reference loop ------------------------------------------------
 def test_full_skip_equals_reference_loop(tiny_model):
     ids = prompt(12, 2)
-    expected = reference_full_skip(tiny_model, ids, SKIP)
+    expected = reference_skip(tiny_model, ids, SKIP)
     assert greedy(engine(tiny_model), [ids], skip=[SKIP]) == [expected]
 
 
@@ -150,36 +155,12 @@ def test_batch_rows_equal_single_runs(tiny_model, prefill):
 
 
 # -- `early` prefill: the routers read the prompt's start, the rest of it runs the kept layers --
-@torch.no_grad()
-def reference_early(model, ids: list[int], head: int, skip: list[int]) -> list[int]:
-    """The first ``head`` prompt tokens through every layer, then the rest of the prompt and every
-    generated token through the kept layers only."""
-    cache = DynamicCache(config=model.config)
-    model(torch.tensor([ids[:head]]), **cache_kwargs(model, cache))
-    layers = decoder_layers(model)
-    saved = list(layers)
-    for i in skip:
-        layers[i] = Identity()
-    tokens = []
-    try:
-        logits = model(torch.tensor([ids[head:]]), position_ids=torch.arange(head, len(ids))[None],
-                       **cache_kwargs(model, cache)).logits[:, -1]
-        for _ in range(N_NEW):
-            token = logits.argmax(-1)
-            tokens.append(token.item())
-            logits = model(token[:, None], **cache_kwargs(model, cache)).logits[:, -1]
-    finally:
-        for i, layer in enumerate(saved):
-            layers[i] = layer
-    return tokens
-
-
 def test_early_prefill_equals_its_reference_and_decides_on_the_prompts_start(tiny_model):
     ids = prompt(40, 20)
     eng = engine(tiny_model, RouterBank(config_for(tiny_model)), prefill="early")
     head = eng.config.decision_tokens(len(ids))
     assert head == 16  # at least EARLY_TOKENS: a quarter of 40 is fewer
-    assert greedy(eng, [ids], skip=[SKIP]) == [reference_early(tiny_model, ids, head, SKIP)]
+    assert greedy(eng, [ids], skip=[SKIP]) == [reference_skip(tiny_model, ids, SKIP, every=head)]
     torch.nn.init.normal_(eng.routers.routers[2].down.weight, std=1.0)  # input-dependent scores
     start = eng.prefill([ids[:head]], config=eng.config.replace(prefill="full")).probs
     torch.testing.assert_close(eng.prefill([ids]).probs, start, **TOLERANCE[torch.float32])
