@@ -24,6 +24,7 @@ from firstskip.families import decoder_layers
 from firstskip.artifacts import fingerprint
 from firstskip.modeling import FirstSkipModel, peft_quietly
 from firstskip import decoding
+from firstskip import quantize as quantize_module
 from firstskip.quantize import INT4_GROUP, PACKED_ROWS, Int4Linear, Int8Linear, QuantLinear, quantize, stacked
 from firstskip.skipping import pruned_copy
 
@@ -82,7 +83,9 @@ def test_a_run_loads_in_int8_with_its_adapter_merged_and_routers_in_float32(tmp_
 @pytest.mark.parametrize("lora", [False, True])
 @pytest.mark.parametrize("kind", [Int8Linear, Int4Linear])
 @pytest.mark.parametrize("rows", [1, 3, 40])  # the packed kernel up to PACKED_ROWS rows, dequantized weights beyond
-def test_quantized_products_quantize_the_weights_only(rows, kind, lora):
+@pytest.mark.parametrize("prompt", [torch.bfloat16, torch.float32])  # a prompt's products on a CPU with and without bf16
+def test_quantized_products_quantize_the_weights_only(rows, kind, lora, prompt, monkeypatch):
+    monkeypatch.setattr(quantize_module, "prompt_dtype", lambda: prompt)
     layer = nn.Linear(64, 48)
     a, b = torch.randn(4, 64) / 8, torch.randn(48, 4) / 8
     quantized: QuantLinear = kind(layer, (a, b) if lora else None)
@@ -96,6 +99,10 @@ def test_quantized_products_quantize_the_weights_only(rows, kind, lora):
                                atol=5e-2, rtol=5e-2)
     one_by_one = torch.cat([quantized(x[i:i + 1]) for i in range(rows)]) if rows <= PACKED_ROWS else quantized(x)
     torch.testing.assert_close(quantized(x), one_by_one)  # a row's product does not depend on its batch
+    assert quantized(x).dtype == torch.bfloat16  # whatever the product's dtype, the model's activations
+    if rows > PACKED_ROWS and prompt == torch.float32:  # only the output's bfloat16 rounding is left
+        exact = x @ quantized.dequantized(torch.float32).T + layer.bias + side
+        torch.testing.assert_close(quantized(x).float(), exact, atol=1e-2, rtol=1e-2)
 
 
 def test_int4_holds_weights_already_on_a_4_bit_grid_exactly():

@@ -13,8 +13,9 @@ everything else (embeddings, norms, attention, activations) runs in bfloat16:
   packaged model's head weights by 9% (its GGUF does not hold them on a 4-bit grid).
 
 Both kernels are about three times faster than a bfloat16 product for one row, but their time grows
-with the rows, so a call with many rows (a prompt) multiplies by the dequantized bfloat16 weights
-(int4 unpacks them from the kernel's own packed codes). Activations are never quantized: int8
+with the rows, so a call with many rows (a prompt) multiplies by the dequantized weights (int4
+unpacks them from the kernel's own packed codes), in bfloat16 where the CPU multiplies it natively
+and in float32 where it does not (`prompt_dtype`). Activations are never quantized: int8
 products with dynamically quantized activations (``quantized::linear_dynamic``) lost about 6% of
 SAMSum's ROUGE-L on a trained run, since the inputs of ``down_proj`` carry outliers a single 8-bit
 range cannot hold. The routers stay float32.
@@ -63,18 +64,20 @@ class QuantLinear(nn.Module):
         self.register_buffer("lora_bt", None if b is None else b.to(torch.bfloat16).contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
-        out = self.packed_product(rows.contiguous()) if rows.shape[0] <= PACKED_ROWS else self.dense_product(rows)
+        rows = x.reshape(-1, self.in_features)
+        packed = rows.shape[0] <= PACKED_ROWS
+        rows = rows.to(torch.bfloat16 if packed else prompt_dtype())
+        out = self.packed_product(rows.contiguous()) if packed else self.dense_product(rows)
         out = out if self.bias is None else out + self.bias
         if self.lora_a is not None:
             out = out + self._lora(rows)
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return out.to(torch.bfloat16).reshape(*x.shape[:-1], self.out_features)
 
     def _lora(self, rows: torch.Tensor) -> torch.Tensor:
         """``rows A^T B^T``. For a decode step's few rows as products and sums, which a compiled
         step fuses into its own kernels (two matrix products each would cost more than the 4-bit one)."""
         if rows.shape[0] > PACKED_ROWS:
-            return (rows @ self.lora_a.T) @ self.lora_bt
+            return (rows @ self.lora_a.T.to(rows.dtype)) @ self.lora_bt.to(rows.dtype)
         low = (rows[:, None, :] * self.lora_a).sum(-1)  # [n, r]
         return (low[:, :, None] * self.lora_bt).sum(1)  # [n, out]
 
@@ -82,10 +85,10 @@ class QuantLinear(nn.Module):
         raise NotImplementedError
 
     def dense_product(self, rows: torch.Tensor) -> torch.Tensor:
-        """Many rows (a prompt): a bfloat16 product with the dequantized weights."""
-        return F.linear(rows, self.dequantized())
+        """Many rows (a prompt): a product with the weights dequantized to the rows' dtype."""
+        return F.linear(rows, self.dequantized(rows.dtype))
 
-    def dequantized(self) -> torch.Tensor:
+    def dequantized(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         raise NotImplementedError
 
     def extra_repr(self) -> str:
@@ -110,12 +113,12 @@ class Int8Linear(QuantLinear):
         return torch._weight_int8pack_mm(rows, self.weight_int8, self.scales)
 
     def dense_product(self, rows: torch.Tensor) -> torch.Tensor:
-        """The int8 weights as bfloat16 (exact: integers up to 127), the scales applied to the
+        """The int8 weights in the rows' dtype (exact: integers up to 127), the scales applied to the
         product's outputs instead of to every weight: a pass over the weights less per prompt."""
-        return F.linear(rows, self.weight_int8.to(torch.bfloat16)) * self.scales
+        return F.linear(rows, self.weight_int8.to(rows.dtype)) * self.scales.to(rows.dtype)
 
-    def dequantized(self) -> torch.Tensor:
-        return self.weight_int8.to(torch.bfloat16) * self.scales[:, None]
+    def dequantized(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        return self.weight_int8.to(dtype) * self.scales[:, None].to(dtype)
 
 
 class Int4Linear(QuantLinear):
@@ -142,10 +145,10 @@ class Int4Linear(QuantLinear):
     def packed_product(self, rows: torch.Tensor) -> torch.Tensor:
         return torch._weight_int4pack_mm_for_cpu(rows, self.packed, INT4_GROUP, self.scales_zeros)
 
-    def dequantized(self) -> torch.Tensor:
-        scale, zero = self.scales_zeros.unbind(-1)  # [groups, out] each
+    def dequantized(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        scale, zero = self.scales_zeros.to(dtype).unbind(-1)  # [groups, out] each
         codes = self.codes if self.codes is not None else _unpack_int4(self.packed, self.out_features, self.in_features)
-        codes = codes.to(torch.bfloat16).reshape(self.out_features, -1, INT4_GROUP) - 8
+        codes = codes.to(dtype).reshape(self.out_features, -1, INT4_GROUP) - 8
         return (codes * scale.t()[..., None] + zero.t()[..., None]).reshape(self.out_features, self.in_features)
 
 
@@ -221,6 +224,15 @@ def _int4_block() -> int | None:
     probe = torch.randint(0, 16, (64, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
     packed = torch._convert_weight_to_int4pack_for_cpu(probe, 1)
     return next((b for b in (64, 32) if torch.equal(_unpack_blocks(packed, 64, 64, b).to(torch.int32), probe)), None)
+
+
+@functools.cache
+def prompt_dtype() -> torch.dtype:
+    """The dtype of a prompt's products: bfloat16 where oneDNN multiplies it (AVX-512, AMX), else
+    float32, since there torch falls back to a plain loop: on an AVX2 CPU a bfloat16 prompt product
+    ran at a seventh of float32's speed. Decode steps stay bfloat16 everywhere: the packed kernels
+    have no vectorized float32 path (26 times slower on AVX2)."""
+    return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
 
 
 def default_format(device: str | torch.device = "cpu") -> str:
