@@ -70,8 +70,12 @@ class KVPool:
 
     def add(self, owner: Hashable, kv: Sequence[tuple[torch.Tensor, torch.Tensor] | None], length: int) -> None:
         """Give ``owner`` a slot in every layer whose ``kv`` entry is given (the layers it keeps);
-        ``length`` is how many positions it will hold at most (prompt + new tokens)."""
-        self.max_len = max(self.max_len, length)
+        ``length`` is how many positions it will hold at most (prompt + new tokens).
+
+        A slot keeps one position more: a step's view then never spans a whole tensor, a case a
+        compiled step would specialise on and recompile for (seconds, stalling every stream, the
+        first time a request reaches its last token in a full slot)."""
+        self.max_len = max(self.max_len, length + 1)
         for slots, entry in zip(self.layers, kv):
             if entry is not None:
                 slots.add(owner, *entry, self.capacity, self.max_len)
