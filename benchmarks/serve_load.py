@@ -66,9 +66,11 @@ class Stats:
 
 
 async def one_request(client: httpx.AsyncClient, url: str, model: str | None, task: str, prompt: str,
-                      max_tokens: int, stats: Stats, headers: dict[str, str]) -> None:
+                      max_tokens: int, stats: Stats, headers: dict[str, str], ignore_eos: bool = False) -> None:
     body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}}
+    if ignore_eos:  # vLLM's and firstskip's extension: every request decodes max_tokens
+        body["ignore_eos"] = True
     if model:
         body["model"] = model
     start, first, usage, done = time.perf_counter(), None, None, False
@@ -114,7 +116,8 @@ async def client_loop(i: int, args: argparse.Namespace, items: list[tuple[str, s
             task, prompt = items[n % len(items)]
             n += args.clients
             try:
-                await one_request(client, args.url, args.model, task, prompt, args.max_tokens, stats, headers)
+                await one_request(client, args.url, args.model, task, prompt, args.max_tokens, stats, headers,
+                                  args.ignore_eos)
             except (httpx.HTTPError, json.JSONDecodeError) as err:
                 stats.error(type(err).__name__)
 
@@ -184,6 +187,7 @@ async def main(args: argparse.Namespace) -> dict:
     work = engine_work(work_before, await counters(args.url, args.api_key), elapsed)
     return {
         "url": args.url, "clients": args.clients, "seconds": round(elapsed, 1), "max_tokens": args.max_tokens,
+        "ignore_eos": args.ignore_eos,
         "requests": stats.requests, "requests_by_task": stats.by_task,
         "errors": sum(stats.errors.values()), "errors_by_kind": stats.errors,
         "ttft_p50_s": percentile(stats.ttft, 0.5), "ttft_p99_s": percentile(stats.ttft, 0.99),
@@ -204,6 +208,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=64, help="Concurrent streaming clients.")
     p.add_argument("--seconds", type=float, default=120.0, help="No request starts after this many seconds.")
     p.add_argument("--max-tokens", type=int, default=64, help="max_tokens of each request.")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="Every request decodes --max-tokens tokens (ignore_eos), so servers whose models end "
+                        "answers at different points do the same work.")
     p.add_argument("--timeout", type=float, default=300.0, help="Seconds one request may take at most.")
     p.add_argument("--max-requests", type=int, default=100_000, help="Requests in all, at most.")
     p.add_argument("--data", nargs="+", default=["samsum", "xsum", "boolq"], help="Datasets under ../shared/data.")

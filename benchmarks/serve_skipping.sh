@@ -4,6 +4,7 @@
 # skipping against skipping off"). serve_load.py reads the token-weighted decode saving off /metrics.
 # Reproduce: bash benchmarks/serve_skipping.sh [RUN] [CLIENTS] [SECONDS] [DTYPE] [TAG]   (nothing else running)
 # TAG, when given, ends the result files' names (serve_first_int8_compiled_16x90_TAG.json).
+# IGNORE_EOS=1: every request decodes 64 tokens (equal work whatever each server's answers end at).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 run=${1:-runs/sec4s0}

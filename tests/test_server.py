@@ -112,6 +112,17 @@ def test_completions_and_chat_equal_generate_whole_and_streamed(fsm, srv):
     assert chunks[-1].usage.total_tokens == raw.prompt_tokens + raw.new_tokens  # usage without asking too
 
 
+def test_ignore_eos_decodes_max_tokens_past_the_models_end(fsm, srv, monkeypatch):
+    body = dict(model=NAME, prompt=PROMPTS[0], max_tokens=5, temperature=0)
+    out = srv.client.completions.create(**body, extra_body={"ignore_eos": True, "firstskip": {"return_token_ids": True}})
+    assert out.usage.completion_tokens == 5 and out.choices[0].finish_reason == "length"
+    first = out.firstskip["token_ids"][0]
+    monkeypatch.setattr(type(fsm), "eos_token_ids", property(lambda self: [first]))  # the answer's first token ends it
+    ended = srv.client.completions.create(**body)
+    assert ended.usage.completion_tokens < 5 and ended.choices[0].finish_reason == "stop"
+    assert srv.client.completions.create(**body, extra_body={"ignore_eos": True}).usage.completion_tokens == 5
+
+
 def test_the_stream_is_server_sent_events_ending_with_done(srv):
     body = {"prompt": PROMPTS[1], "max_tokens": 4, "temperature": 0, "stream": True}
     with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as response:

@@ -88,6 +88,7 @@ class _Common(BaseModel):
     seed: Optional[int] = None
     stop: Union[str, list[str], None] = None
     n: int = 1
+    ignore_eos: bool = False  # vLLM's extension: decode max_tokens whatever the model emits (benchmarks)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     firstskip: Optional[FirstSkipOptions] = None
@@ -137,6 +138,7 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     arrived: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
+    ignore_eos: bool = False
     request: Any = None  # decoding.Request once joined
     sent: int = 0  # tokens already handed to the HTTP side
 
@@ -319,8 +321,8 @@ class EngineWorker:
         began = time.perf_counter()
         try:
             pre = self.engine.prefill([job.ids], None if job.skip is None else [job.skip], config=job.config)
-            (request,) = self.engine.join(self.batch, pre, job.sampling, self.fsm.eos_token_ids,
-                                          self.fsm._stop_fn(job.stop))
+            eos = () if job.ignore_eos else self.fsm.eos_token_ids
+            (request,) = self.engine.join(self.batch, pre, job.sampling, eos, self.fsm._stop_fn(job.stop))
         except FirstSkipError as err:
             job.post("error", APIError(400, str(err)))
             return
@@ -438,7 +440,7 @@ class Service:
         if len(stop) > 4 or any(not s for s in stop):
             raise APIError(400, "stop takes at most 4 non-empty strings", "stop")
         skip, config = self.decision(body.firstskip)
-        return Job(ids, sampling, skip, config, stop, asyncio.get_running_loop())
+        return Job(ids, sampling, skip, config, stop, asyncio.get_running_loop(), ignore_eos=body.ignore_eos)
 
     def decision(self, options: FirstSkipOptions | None) -> tuple[list[int] | None, Any]:
         if options is None:
