@@ -231,7 +231,7 @@ def prompt_dtype() -> torch.dtype:
     """The dtype of a prompt's products: bfloat16 where oneDNN multiplies it (AVX-512, AMX), else
     float32, since there torch falls back to a plain loop: on an AVX2 CPU a bfloat16 prompt product
     ran at a seventh of float32's speed. Decode steps stay bfloat16 everywhere: the packed kernels
-    have no vectorized float32 path (26 times slower on AVX2)."""
+    have no vectorized float32 path."""
     return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
 
 
