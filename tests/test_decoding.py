@@ -149,7 +149,7 @@ def test_the_pool_holds_only_kept_layers_sized_to_prompt_and_new_tokens():
     assert owners == [2, 2, 1, 0, 2, 2]  # layer 3 is skipped by both, layer 2 by the first
     assert batch.pool.layers[3].keys is None
     kv_heads, head_dim = model.config.num_key_value_heads, model.config.hidden_size // model.config.num_attention_heads
-    per_slot = 2 * kv_heads * 15 * head_dim * 4  # keys and values, 15 positions, fp32
+    per_slot = 2 * kv_heads * 16 * head_dim * 4  # keys and values, 15 positions and the spare one, fp32
     assert batch.pool.nbytes() == per_slot * 2 * 5  # 2 slots in each of the 5 layers someone keeps (capacity 2)
 
 

@@ -340,7 +340,7 @@ def test_max_model_len_refuses_longer_requests_and_sizes_the_cache_once():
     pool = service.worker.batch.pool
     sizes = []
     with TestClient(app) as client:
-        for n in (5, 30):  # the second request is longer than the first: the cache does not grow for it
+        for n in (5, 32):  # the second is longer and fills the context: the cache does not grow for it
             body = {"prompt": list(range(3, 3 + n)), "max_tokens": 8, "temperature": 0}
             assert client.post("/v1/completions", json=body).status_code == 200
             sizes.append(pool.nbytes())

@@ -60,21 +60,20 @@ class KVPool:
     """The slots of every decoder layer for one running batch.
 
     ``capacity`` is how many requests a layer's tensors hold before they double, ``max_len`` how
-    many positions a slot holds (prompt + new tokens of the longest request, never the model's
-    whole context); both grow when a request that needs more joins.
+    many positions a request holds at most (prompt + new tokens of the longest request, never the
+    model's whole context); both grow when a request that needs more joins. A slot keeps one
+    position more: a step's view then never spans a whole tensor, a case a compiled step would
+    specialise on and recompile for (seconds, stalling every stream, the first time a request
+    reaches its last token in a full slot).
     """
 
     def __init__(self, num_layers: int, capacity: int, max_len: int) -> None:
         self.layers = [LayerSlots() for _ in range(num_layers)]
-        self.capacity, self.max_len = capacity, max_len
+        self.capacity, self.max_len = capacity, max_len + 1
 
     def add(self, owner: Hashable, kv: Sequence[tuple[torch.Tensor, torch.Tensor] | None], length: int) -> None:
         """Give ``owner`` a slot in every layer whose ``kv`` entry is given (the layers it keeps);
-        ``length`` is how many positions it will hold at most (prompt + new tokens).
-
-        A slot keeps one position more: a step's view then never spans a whole tensor, a case a
-        compiled step would specialise on and recompile for (seconds, stalling every stream, the
-        first time a request reaches its last token in a full slot)."""
+        ``length`` is how many positions it will hold at most (prompt + new tokens)."""
         self.max_len = max(self.max_len, length + 1)
         for slots, entry in zip(self.layers, kv):
             if entry is not None:
