@@ -21,8 +21,13 @@ serve() {  # name port extra-serve-flags...: firstskip serve compiled, measured
     --dtype "$dtype" --compile "$@" &
   measure "${name}_${dtype}_compiled" "$port" $! "$tag"
 }
-serve first 8941
-serve skipping_off 8942 --threshold 0
+if [ "${ORDER:-}" = off-first ]; then  # ORDER=off-first: skipping off runs first (alternate it between pairs)
+  serve skipping_off 8942 --threshold 0
+  serve first 8941
+else
+  serve first 8941
+  serve skipping_off 8942 --threshold 0
+fi
 python3 - "$out/serve_first_${dtype}_compiled_${clients}x${seconds}$tag.json" \
   "$out/serve_skipping_off_${dtype}_compiled_${clients}x${seconds}$tag.json" \
   "$out/serve_ratio_${dtype}_compiled_${clients}x${seconds}$tag.json" <<'PY'
