@@ -69,15 +69,15 @@ class KVPool:
 
     def __init__(self, num_layers: int, capacity: int, max_len: int) -> None:
         self.layers = [LayerSlots() for _ in range(num_layers)]
-        self.capacity, self.max_len = capacity, max_len + 1
+        self.capacity, self.max_len = capacity, max_len
 
     def add(self, owner: Hashable, kv: Sequence[tuple[torch.Tensor, torch.Tensor] | None], length: int) -> None:
         """Give ``owner`` a slot in every layer whose ``kv`` entry is given (the layers it keeps);
         ``length`` is how many positions it will hold at most (prompt + new tokens)."""
-        self.max_len = max(self.max_len, length + 1)
+        self.max_len = max(self.max_len, length)
         for slots, entry in zip(self.layers, kv):
             if entry is not None:
-                slots.add(owner, *entry, self.capacity, self.max_len)
+                slots.add(owner, *entry, self.capacity, self.max_len + 1)  # the spare position
 
     def remove(self, owner: Hashable) -> None:
         """Free every slot of ``owner``; other requests' slots keep their contents."""
