@@ -172,10 +172,10 @@ def test_compiled_layer_steps_decode_as_eager_and_a_new_skip_set_compiles_nothin
     expected = [solo(eng, ids, 6, skip) for ids, skip in jobs]
     together = eng.generate([ids for ids, _ in jobs], Sampling(max_new_tokens=6), [skip for _, skip in jobs])
     assert eng.compile()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert [solo(eng, ids, 6, skip) for ids, skip in jobs] == expected
     assert eng.generate([ids for ids, _ in jobs], Sampling(max_new_tokens=6),
                         [skip for _, skip in jobs]) == together  # a batch of rows that keep different layers
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     solo(eng, prompt(9, 92), 5, [0, 4])  # a skip set, prompt length and batch never seen
     batch = eng.new_batch(4)  # as the server's: the pool sized by the requests that join it
     eng.join(batch, eng.prefill([prompt(9, 93), prompt(11, 94)], [[1], [1, 2]]), Sampling(max_new_tokens=5))

@@ -106,15 +106,17 @@ class Engine:
                     "no joining a running batch)")
 
     def compile(self) -> bool:
-        """Compile the decode loop's layer steps now (tens of seconds, once per process): a short
-        generation of one row and of two compiles both programs (one row, several). Where that
-        cannot be done, decoding stays eager with a one-line notice; returns which."""
+        """Compile the decode loop's layer steps now (tens of seconds, once per process): three
+        short generations compile the three programs a batch ever needs (one row in a pool of one,
+        several rows, and one row in a pool of several: a layer only one running request keeps),
+        so no stream stalls on a compile later. Where that cannot be done, decoding stays eager
+        with a one-line notice; returns which."""
         why = "this family decodes through the model's own forward" if self.stack is None else self.stack.compile()
         if why is not None:
             _notice(f"decoding eager: {why}")
             return False
-        for rows in (1, 2):
-            self.generate([[self.pad_token_id] * 4] * rows, Sampling(max_new_tokens=3), skip=[[]] * rows)
+        for skip in ([[]], [[], []], [[], [0]]):
+            self.generate([[self.pad_token_id] * 4] * len(skip), Sampling(max_new_tokens=3), skip=skip)
         return True
 
     # -- prefill ---------------------------------------------------------------------------
