@@ -42,7 +42,7 @@ def run_once(fsm: FirstSkipModel, mode: str, args: argparse.Namespace) -> dict:
                               prompts(["samsum", "xsum", "boolq"], 200, 0)[:args.requests])
     prompt_tokens = sum(map(len, queue))
     batch, steps, prefill_s, start = engine.new_batch(args.batch), [], 0.0, time.perf_counter()
-    kept = ran = 0  # row-layers and layers the decode steps ran
+    kept = ran = context = 0  # row-layers and layers the decode steps ran; positions their rows attend over
     while queue or batch.requests:
         for _ in range(min(args.batch - len(batch.requests), PREFILLS_PER_STEP if batch.requests else args.batch)):
             if queue:
@@ -54,6 +54,7 @@ def run_once(fsm: FirstSkipModel, mode: str, args: argparse.Namespace) -> dict:
             plan, rows = batch.plan(), len(batch.requests)
             kept += sum(len(owners) for _, _, owners in plan)
             ran += len(plan)
+            context += sum(r.length for r in batch.requests)
             began = time.perf_counter()
             batch.step()
             steps.append((rows, time.perf_counter() - began))
@@ -62,7 +63,7 @@ def run_once(fsm: FirstSkipModel, mode: str, args: argparse.Namespace) -> dict:
     return {"mode": mode, "prompt_tokens": prompt_tokens, "prefill_s": round(prefill_s, 2),
             "decode_s": round(decode_s, 2), "wall_s": round(wall, 2), "steps": len(steps),
             "rows_per_step": round(tokens / len(steps), 2), "decode_tokens": tokens,
-            "ms_per_row_step": round(1000 * decode_s / tokens, 2),
+            "ms_per_row_step": round(1000 * decode_s / tokens, 2), "mean_context": round(context / tokens),
             "median_step_ms": round(1000 * sorted(s for _, s in steps)[len(steps) // 2], 1),
             "decode_saving": round(1 - kept / (tokens * layers), 4),
             "layers_run_saving": round(1 - ran / (len(steps) * layers), 4),
