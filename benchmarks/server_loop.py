@@ -15,7 +15,7 @@ share of skipping off's time can shrink.
 
 Reproduce (nothing else running; "off" keeps every layer, as ``serve --threshold 0``):
     python benchmarks/server_loop.py --run runs/sec4s0 --mode first --requests 40
-    python benchmarks/server_loop.py --run runs/sec4s0 --mode both --pairs 5 --requests 48 --ignore-eos
+    python benchmarks/server_loop.py --run runs/sec4s0 --mode both --pairs 6 --requests 48 --ignore-eos
 """
 
 from __future__ import annotations
