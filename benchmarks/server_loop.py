@@ -26,6 +26,7 @@ import json
 import statistics
 import time
 
+from firstskip.artifacts import write_json
 from firstskip.data import encode_prompt
 from firstskip.engine import Sampling
 from firstskip.modeling import FirstSkipModel
@@ -86,7 +87,7 @@ def step_floor(fsm: FirstSkipModel, rows: int, steps: int = 32) -> float:
 
 
 def pair_summary(first: dict, off: dict, floor: float) -> dict:
-    """FiRST against skipping off, one pair: ratios and the bounds of section "Reproduce" above."""
+    """FiRST against skipping off, one pair: ratios and the bounds the module's docstring defines."""
     s = first["decode_saving"]
     decode_share = off["decode_s"] / off["wall_s"]
     out = {"tokens_per_s_ratio": (first["decode_tokens"] / first["wall_s"]) / (off["decode_tokens"] / off["wall_s"]),
@@ -130,8 +131,7 @@ def main() -> None:
     summary = {key: round(statistics.median(p[key] for p in pairs), 3) for key in pairs[0]}
     print(json.dumps({"median": summary}))
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"args": vars(args), "runs": runs, "pairs": pairs, "median": summary}, f, indent=1)
+        write_json(args.out, {"args": vars(args), "runs": runs, "pairs": pairs, "median": summary})
 
 
 if __name__ == "__main__":
